@@ -1,0 +1,184 @@
+// Command relay reads identity events from Kafka and serves them to browsers
+// over Server-Sent Events. Run it with --help for every setting, or with
+// --demo to try it with nothing else installed.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/gin-gonic/gin"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/decnet/identity-relay/internal/config"
+	"github.com/decnet/identity-relay/internal/demo"
+	"github.com/decnet/identity-relay/internal/store"
+	"github.com/decnet/identity-relay/pkg/api"
+	"github.com/decnet/identity-relay/pkg/consumer"
+	"github.com/decnet/identity-relay/pkg/fanout"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop()
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+	case errors.Is(err, config.ErrInvalid):
+		fmt.Fprintln(os.Stderr, "relay:", err)
+		os.Exit(2)
+	default:
+		fmt.Fprintln(os.Stderr, "relay:", err)
+		os.Exit(1)
+	}
+}
+
+// readHeaderTimeout cuts clients that send headers too slowly (slowloris).
+const readHeaderTimeout = 5 * time.Second
+
+// run starts the relay and blocks until ctx ends, then shuts down within
+// the configured timeout. Logs go to stderr; the demo's URL goes to stdout.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := config.Load(args, getenv, stdout)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, stderr)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	var st api.Store
+	brokers, secret := cfg.KafkaBrokers, cfg.JWTSecret
+	var dm *demo.Demo
+	if cfg.Demo {
+		if dm, err = demo.Start(log); err != nil {
+			return err
+		}
+		defer dm.Close()
+		st, brokers, secret = dm.Store(), dm.Brokers(), dm.Secret
+	} else {
+		pg, err := store.Open(cfg.DatabaseURL)
+		if err != nil {
+			return err
+		}
+		defer pg.Close()
+		st = pg
+	}
+
+	hub := fanout.New(cfg.SubscriberBuffer)
+	registerFanoutMetrics(reg, hub)
+	cons, err := consumer.New(consumer.Config{
+		Brokers: brokers, TopicsRegex: cfg.TopicsRegex, MaxRecordBytes: cfg.MaxRecordBytes,
+		Logger: log, Registerer: reg,
+	}, hub)
+	if err != nil {
+		return err
+	}
+	srv, err := api.New(api.Config{
+		JWTSecret: []byte(secret), JWTIssuer: cfg.JWTIssuer, JWTAudience: cfg.JWTAudience,
+		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
+		Keepalive: cfg.Keepalive, SnapshotLimit: cfg.SnapshotLimit,
+		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, AuthCacheTTL: 10 * time.Second,
+		Logger: log, Registerer: reg, Gatherer: reg, ConsumerRunning: cons.Running,
+	}, st, hub)
+	if err != nil {
+		return err
+	}
+	if cfg.Demo {
+		srv.Handler().GET("/", gin.WrapF(demo.Page))
+	}
+
+	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
+	}
+	httpSrv := &http.Server{
+		Handler:           srv.Handler(),
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		// No WriteTimeout: it would cut every long stream. Streams set
+		// per-write deadlines instead.
+	}
+
+	consCtx, stopConsumer := context.WithCancel(context.Background())
+	consDone := make(chan error, 1)
+	go func() { consDone <- cons.Run(consCtx) }()
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- httpSrv.Serve(ln) }()
+
+	log.Info("relay listening", "addr", ln.Addr().String(), "demo", cfg.Demo)
+	if dm != nil {
+		pubCtx, stopPub := context.WithCancel(ctx)
+		defer stopPub()
+		go func() { _ = dm.Publish(pubCtx, time.Second) }()
+		base := "http://" + displayAddr(ln.Addr())
+		fmt.Fprintf(stdout, "Demo relay is up.\nOpen the live page: %s/?token=%s\nStream: %s%s?token=%s\n",
+			base, dm.Token, base, api.EventsPath, dm.Token)
+	}
+
+	select {
+	case <-ctx.Done():
+	case err := <-serveErr:
+		stopConsumer()
+		<-consDone
+		return fmt.Errorf("http server: %w", err)
+	}
+
+	// Shutdown: no new viewers, end every stream between frames, close the consumer.
+	log.Info("shutting down", "timeout", cfg.ShutdownTimeout.String())
+	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	srv.Drain()
+	_ = hub.Close()
+	if err := httpSrv.Shutdown(shutCtx); err != nil {
+		log.Warn("streams still open at the shutdown timeout; closing them", "err", err)
+		_ = httpSrv.Close()
+	}
+	stopConsumer()
+	<-consDone
+	log.Info("stopped")
+	return nil
+}
+
+func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// registerFanoutMetrics exposes the broadcaster's running totals.
+func registerFanoutMetrics(reg prometheus.Registerer, hub *fanout.Broadcaster) {
+	reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "relay_events_published_total", Help: "Events encoded once and offered to every viewer.",
+		}, func() float64 { return float64(hub.Stats().Published) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "relay_frames_delivered_total", Help: "Frames placed in a viewer's queue.",
+		}, func() float64 { return float64(hub.Stats().Delivered) }),
+	)
+}
+
+// displayAddr turns a wildcard listen address into one a browser can open.
+func displayAddr(a net.Addr) string {
+	tcp, ok := a.(*net.TCPAddr)
+	if !ok || tcp.IP.IsUnspecified() {
+		if ok {
+			return fmt.Sprintf("localhost:%d", tcp.Port)
+		}
+	}
+	return a.String()
+}

@@ -1,0 +1,220 @@
+// Package config holds every setting of the relay: one struct, filled once from
+// flags and environment variables, validated once before anything starts.
+package config
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ErrInvalid marks a configuration error; the process exits with code 2.
+var ErrInvalid = errors.New("invalid configuration")
+
+// MinSecretLen is the shortest JWT secret accepted outside demo mode.
+const MinSecretLen = 32
+
+// Config is the relay's settings. Each field names its variable; a flag of
+// the same name (RELAY_LISTEN_ADDR = --listen-addr) overrides the variable.
+type Config struct {
+	Demo             bool          // --demo / RELAY_DEMO: in-process Kafka, memory store, live page; default false
+	ListenAddr       string        // RELAY_LISTEN_ADDR, default ":8080"
+	KafkaBrokers     []string      // RELAY_KAFKA_BROKERS, comma list, required
+	TopicsRegex      string        // RELAY_KAFKA_TOPICS_REGEX, default `^identity\..+`
+	DatabaseURL      string        // RELAY_DATABASE_URL, postgres URL, required
+	DatabaseTimeout  time.Duration // RELAY_DATABASE_TIMEOUT, default 1.5s
+	JWTSecret        string        // RELAY_JWT_SECRET, at least 32 characters, required
+	JWTIssuer        string        // RELAY_JWT_ISSUER, checked only when set
+	JWTAudience      string        // RELAY_JWT_AUDIENCE, checked only when set
+	MaxPerUser       int           // RELAY_SSE_MAX_PER_USER, default 5
+	MaxConnections   int           // RELAY_SSE_MAX_CONNECTIONS, default 10000
+	Keepalive        time.Duration // RELAY_SSE_KEEPALIVE, default 15s
+	WriteTimeout     time.Duration // RELAY_SSE_WRITE_TIMEOUT, default 10s
+	SubscriberBuffer int           // RELAY_SUBSCRIBER_BUFFER, default 256 frames
+	SnapshotLimit    int           // RELAY_SNAPSHOT_LIMIT, default 50
+	MaxRecordBytes   int           // RELAY_MAX_RECORD_BYTES, default 1048576
+	ShutdownTimeout  time.Duration // RELAY_SHUTDOWN_TIMEOUT, default 25s
+	LogLevel         slog.Level    // RELAY_LOG_LEVEL: debug, info, warn, error; default info
+	LogFormat        string        // RELAY_LOG_FORMAT: json or text; default json
+}
+
+type setting struct {
+	env, def, help string
+	set            func(c *Config, v string) error
+}
+
+// Flag is the flag name of the setting: RELAY_SSE_KEEPALIVE → sse-keepalive.
+func (s setting) flag() string {
+	return strings.ReplaceAll(strings.ToLower(strings.TrimPrefix(s.env, "RELAY_")), "_", "-")
+}
+
+var settings = []setting{
+	{"RELAY_DEMO", "false", "run the self-contained demo: in-process Kafka, a publisher, an in-memory store and a live page at /",
+		func(c *Config, v string) (err error) { c.Demo, err = strconv.ParseBool(v); return }},
+	{"RELAY_LISTEN_ADDR", ":8080", "address the HTTP server listens on",
+		func(c *Config, v string) error { c.ListenAddr = v; return nonEmpty(v) }},
+	{"RELAY_KAFKA_BROKERS", "", "comma-separated Kafka bootstrap brokers, host:port (required)",
+		func(c *Config, v string) error { c.KafkaBrokers = splitList(v); return nil }},
+	{"RELAY_KAFKA_TOPICS_REGEX", `^identity\..+`, "topics to read; new matching topics are picked up within 10s",
+		func(c *Config, v string) error { c.TopicsRegex = v; _, err := regexp.Compile(v); return err }},
+	{"RELAY_DATABASE_URL", "", "PostgreSQL URL, postgres://user:pass@host:5432/db?sslmode=... (required)",
+		func(c *Config, v string) error { c.DatabaseURL = v; return nil }},
+	{"RELAY_DATABASE_TIMEOUT", "1.5s", "limit on each database call of a connect; past it the viewer gets 503",
+		func(c *Config, v string) (err error) { c.DatabaseTimeout, err = positiveDuration(v); return }},
+	{"RELAY_JWT_SECRET", "", "HS256 secret shared with DECNET, at least 32 characters (required)",
+		func(c *Config, v string) error { c.JWTSecret = v; return nil }},
+	{"RELAY_JWT_ISSUER", "", "required iss claim; not checked when empty",
+		func(c *Config, v string) error { c.JWTIssuer = v; return nil }},
+	{"RELAY_JWT_AUDIENCE", "", "required aud claim; not checked when empty",
+		func(c *Config, v string) error { c.JWTAudience = v; return nil }},
+	{"RELAY_SSE_MAX_PER_USER", "5", "open streams per user; past it 429",
+		func(c *Config, v string) (err error) { c.MaxPerUser, err = positiveInt(v); return }},
+	{"RELAY_SSE_MAX_CONNECTIONS", "10000", "open streams per replica; past it 503",
+		func(c *Config, v string) (err error) { c.MaxConnections, err = positiveInt(v); return }},
+	{"RELAY_SSE_KEEPALIVE", "15s", "send a keepalive comment after this long without a frame",
+		func(c *Config, v string) (err error) { c.Keepalive, err = positiveDuration(v); return }},
+	{"RELAY_SSE_WRITE_TIMEOUT", "10s", "limit on one write to a viewer; a viewer that takes longer is cut",
+		func(c *Config, v string) (err error) { c.WriteTimeout, err = positiveDuration(v); return }},
+	{"RELAY_SUBSCRIBER_BUFFER", "256", "frames queued per viewer; a viewer whose queue is full is dropped",
+		func(c *Config, v string) (err error) { c.SubscriberBuffer, err = positiveInt(v); return }},
+	{"RELAY_SNAPSHOT_LIMIT", "50", "identities in the snapshot frame",
+		func(c *Config, v string) (err error) { c.SnapshotLimit, err = positiveInt(v); return }},
+	{"RELAY_MAX_RECORD_BYTES", "1048576", "largest Kafka record value relayed; larger ones are skipped and counted",
+		func(c *Config, v string) (err error) { c.MaxRecordBytes, err = positiveInt(v); return }},
+	{"RELAY_SHUTDOWN_TIMEOUT", "25s", "on SIGTERM, end every stream and exit within this",
+		func(c *Config, v string) (err error) { c.ShutdownTimeout, err = positiveDuration(v); return }},
+	{"RELAY_LOG_LEVEL", "info", "debug, info, warn or error",
+		func(c *Config, v string) error { return c.LogLevel.UnmarshalText([]byte(v)) }},
+	{"RELAY_LOG_FORMAT", "json", "json or text",
+		func(c *Config, v string) error {
+			c.LogFormat = v
+			if v != "json" && v != "text" {
+				return errors.New("want json or text")
+			}
+			return nil
+		}},
+}
+
+// Load fills a Config from args (without the program name) and getenv, flags
+// winning over variables, and validates it. It returns flag.ErrHelp after
+// printing the settings when asked for -h or --help.
+func Load(args []string, getenv func(string) string, out io.Writer) (*Config, error) {
+	fs := flag.NewFlagSet("relay", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	values := make([]string, len(settings))
+	for i, s := range settings {
+		values[i] = s.def
+		if v := getenv(s.env); v != "" {
+			values[i] = v
+		}
+		if s.env == "RELAY_DEMO" {
+			fs.BoolFunc(s.flag(), s.help, func(v string) error { values[i] = v; return nil })
+			continue
+		}
+		fs.Func(s.flag(), s.help, func(v string) error { values[i] = v; return nil })
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			Usage(out)
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("%w: unexpected argument %q", ErrInvalid, fs.Arg(0))
+	}
+	c := &Config{}
+	for i, s := range settings {
+		if err := s.set(c, values[i]); err != nil {
+			return nil, fmt.Errorf("%w: %s (--%s): %q: %v", ErrInvalid, s.env, s.flag(), redact(s.env, values[i]), err)
+		}
+	}
+	if err := c.validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return c, nil
+}
+
+// validate checks what spans settings. Demo mode supplies its own Kafka,
+// store and secret.
+func (c *Config) validate() error {
+	if c.Demo {
+		return nil
+	}
+	var missing []string
+	if len(c.KafkaBrokers) == 0 {
+		missing = append(missing, "RELAY_KAFKA_BROKERS")
+	}
+	if c.DatabaseURL == "" {
+		missing = append(missing, "RELAY_DATABASE_URL")
+	}
+	if c.JWTSecret == "" {
+		missing = append(missing, "RELAY_JWT_SECRET")
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%s not set: set them, or run with --demo", strings.Join(missing, ", "))
+	}
+	if len(c.JWTSecret) < MinSecretLen {
+		return fmt.Errorf("RELAY_JWT_SECRET: must be at least %d characters, got %d", MinSecretLen, len(c.JWTSecret))
+	}
+	return nil
+}
+
+// Usage prints every setting with its variable, flag and default.
+func Usage(out io.Writer) {
+	fmt.Fprintln(out, "Usage: relay [flags]\n\nEvery setting is an environment variable and the same-named flag; the flag wins.")
+	for _, s := range settings {
+		def := s.def
+		if def == "" {
+			def = "none"
+		}
+		fmt.Fprintf(out, "\n  %s, --%s (default %s)\n      %s\n", s.env, s.flag(), def, s.help)
+	}
+}
+
+// redact keeps credentials out of error messages.
+func redact(env, v string) string {
+	if env == "RELAY_JWT_SECRET" || env == "RELAY_DATABASE_URL" {
+		return "<redacted>"
+	}
+	return v
+}
+
+func splitList(v string) []string {
+	var out []string
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func nonEmpty(v string) error {
+	if v == "" {
+		return errors.New("must not be empty")
+	}
+	return nil
+}
+
+func positiveInt(v string) (int, error) {
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		return 0, errors.New("want a positive integer")
+	}
+	return n, nil
+}
+
+func positiveDuration(v string) (time.Duration, error) {
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		return 0, errors.New("want a positive duration such as 15s")
+	}
+	return d, nil
+}

@@ -1,0 +1,228 @@
+// Package api serves the SSE stream and the operational endpoints with Gin.
+// It decides every status before it writes a header, and one goroutine, the
+// request's own, owns each stream's ResponseWriter.
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/gin-gonic/gin"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/decnet/identity-relay/pkg/fanout"
+)
+
+// EventsPath is the route browsers use (CONTRACT.md).
+const EventsPath = "/api/v1/identities/events"
+
+// Store is what the API reads from the database.
+type Store interface {
+	// User returns the user, or nil and no error when there is none.
+	User(ctx context.Context, uuid string) (*User, error)
+	// Revoked reports whether the token id is in revoked_tokens.
+	Revoked(ctx context.Context, jti string) (bool, error)
+	// Snapshot returns a JSON array of the newest limit live identities.
+	Snapshot(ctx context.Context, limit int) (json.RawMessage, error)
+	// Ping reports whether the database answers.
+	Ping(ctx context.Context) error
+}
+
+// Broker hands out viewer subscriptions; *fanout.Broadcaster is one.
+type Broker interface {
+	Subscribe(onEnd func(fanout.Reason)) (*fanout.Subscription, error)
+}
+
+// Config is the API's part of the relay's settings.
+type Config struct {
+	JWTSecret      []byte
+	JWTIssuer      string
+	JWTAudience    string
+	MaxPerUser     int           // per-user stream cap (429 past it)
+	MaxConnections int           // global stream cap (503 past it)
+	Keepalive      time.Duration // comment frame after this long without a frame
+	SnapshotLimit  int
+	// DBTimeout bounds every database call of a connect, so a dead database
+	// answers 503 quickly instead of hanging the viewer.
+	DBTimeout time.Duration
+	// WriteTimeout bounds each write to a viewer; a viewer that takes longer is cut.
+	WriteTimeout time.Duration
+	// AuthCacheTTL is how long user rows and revocations are cached (CONTRACT.md allows 10 s).
+	AuthCacheTTL time.Duration
+	Logger       *slog.Logger
+	Registerer   prometheus.Registerer
+	Gatherer     prometheus.Gatherer
+	// ConsumerRunning reports whether the Kafka consumer is running (readiness).
+	ConsumerRunning func() bool
+}
+
+// Server is the HTTP side of the relay.
+type Server struct {
+	cfg    Config
+	store  Store
+	broker Broker
+	auth   *verifier
+	log    *slog.Logger
+	engine *gin.Engine
+	limits *limiter
+	m      *metrics
+
+	draining atomic.Bool
+}
+
+// New builds the server. cfg must be validated by the caller (see internal/config).
+func New(cfg Config, store Store, broker Broker) (*Server, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Registerer == nil {
+		reg := prometheus.NewRegistry()
+		cfg.Registerer, cfg.Gatherer = reg, reg
+	}
+	if cfg.ConsumerRunning == nil {
+		cfg.ConsumerRunning = func() bool { return true }
+	}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		cfg:    cfg,
+		store:  newCachedStore(store, cfg.AuthCacheTTL),
+		broker: broker,
+		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience),
+		log:    cfg.Logger.With("component", "api"),
+		limits: newLimiter(cfg.MaxPerUser, cfg.MaxConnections),
+		m:      m,
+	}
+	gin.SetMode(gin.ReleaseMode)
+	e := gin.New()
+	e.Use(s.recover, s.accessLog)
+	e.GET(EventsPath, s.events)
+	e.GET("/healthz", func(c *gin.Context) { c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("ok\n")) })
+	e.GET("/readyz", s.readyz)
+	if cfg.Gatherer != nil {
+		e.GET("/metrics", gin.WrapH(promhttp.HandlerFor(cfg.Gatherer, promhttp.HandlerOpts{})))
+	}
+	s.engine = e
+	return s, nil
+}
+
+// Handler returns the Gin engine; callers may add routes (the demo page).
+func (s *Server) Handler() *gin.Engine { return s.engine }
+
+// Drain turns readiness false and refuses new viewers with 503. Open streams
+// end when the broker is closed; http.Server.Shutdown then sees their
+// connections go idle.
+func (s *Server) Drain() { s.draining.Store(true) }
+
+// Errors and their bodies, fixed by CONTRACT.md.
+var (
+	bodyUnauthorized   = detail("Could not validate credentials")
+	bodyForbidden      = detail("Insufficient permissions")
+	bodyMustChange     = detail("Password change required before accessing this resource")
+	bodyDatabaseDown   = detail("Database unavailable")
+	bodyShuttingDown   = detail("Shutting down")
+	bodyGlobalCap      = detail("Connection limit reached")
+	errDatabase        = errors.New("database unavailable")
+	errConsumerStopped = errors.New("kafka consumer not running")
+)
+
+func detail(msg string) []byte {
+	b, _ := json.Marshal(map[string]string{"detail": msg})
+	return b
+}
+
+func (s *Server) fail(c *gin.Context, code int, body []byte) {
+	if code == http.StatusUnauthorized {
+		c.Header("WWW-Authenticate", "Bearer")
+	}
+	s.m.connects.WithLabelValues(strconv.Itoa(code)).Inc()
+	c.Data(code, "application/json", body)
+	c.Abort()
+}
+
+func (s *Server) readyz(c *gin.Context) {
+	var err error
+	switch {
+	case s.draining.Load():
+		err = errors.New("shutting down")
+	case !s.cfg.ConsumerRunning():
+		err = errConsumerStopped
+	default:
+		ctx, cancel := context.WithTimeout(c.Request.Context(), s.cfg.DBTimeout)
+		defer cancel()
+		if perr := s.store.Ping(ctx); perr != nil {
+			err = errDatabase
+		}
+	}
+	if err != nil {
+		c.Data(http.StatusServiceUnavailable, "application/json", detail(err.Error()))
+		return
+	}
+	c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("ready\n"))
+}
+
+// recover turns a panic into a 500 before headers, or an error frame after
+// (see stream.go), and logs it without the query string.
+func (s *Server) recover(c *gin.Context) {
+	defer func() {
+		if r := recover(); r != nil {
+			if r == http.ErrAbortHandler {
+				panic(r)
+			}
+			s.log.Error("panic in handler", "path", c.Request.URL.Path, "panic", r)
+			if !c.Writer.Written() {
+				c.Data(http.StatusInternalServerError, "application/json", detail("Internal error"))
+			}
+			c.Abort()
+		}
+	}()
+	c.Next()
+}
+
+// accessLog logs the path, never the query: the token may be there.
+func (s *Server) accessLog(c *gin.Context) {
+	start := time.Now()
+	c.Next()
+	s.log.Info("request", "method", c.Request.Method, "path", c.Request.URL.Path,
+		"status", c.Writer.Status(), "duration", time.Since(start).String(), "remote", c.ClientIP())
+}
+
+type metrics struct {
+	connected   prometheus.Gauge
+	connects    *prometheus.CounterVec
+	disconnects *prometheus.CounterVec
+	snapshot    prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		connected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "relay_viewers_connected", Help: "Open SSE streams.",
+		}),
+		connects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_connects_total", Help: "Stream requests, by HTTP status code.",
+		}, []string{"code"}),
+		disconnects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_viewer_disconnects_total", Help: "Ended streams, by reason.",
+		}, []string{"reason"}),
+		snapshot: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "relay_snapshot_seconds", Help: "Time to read the snapshot from the database.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 13),
+		}),
+	}
+	for _, col := range []prometheus.Collector{m.connected, m.connects, m.disconnects, m.snapshot} {
+		if err := reg.Register(col); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}

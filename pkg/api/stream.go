@@ -1,0 +1,240 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/gin-gonic/gin"
+
+	"github.com/decnet/identity-relay/pkg/fanout"
+)
+
+var (
+	frameKeepalive = []byte(": keepalive\n\n")
+	frameError     = []byte("event: error\ndata: {\"message\":\"Stream interrupted\"}\n\n")
+)
+
+// maxBatch bounds how many queued frames one flush carries.
+const maxBatch = 64
+
+// Disconnect reasons, the values of relay_viewer_disconnects_total{reason}.
+const (
+	reasonClientGone = "client_gone"
+	reasonSlow       = "slow"
+	reasonShutdown   = "shutdown"
+	reasonWriteError = "write_error"
+	reasonInternal   = "internal"
+)
+
+// authorize applies CONTRACT.md's checks in order and returns the user, or the
+// status and body to answer with.
+func (s *Server) authorize(ctx context.Context, token string) (*User, int, []byte) {
+	cl, err := s.auth.verify(token)
+	if err != nil {
+		return nil, http.StatusUnauthorized, bodyUnauthorized
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.DBTimeout)
+	defer cancel()
+	u, err := s.store.User(ctx, cl.UUID)
+	if err != nil {
+		s.log.Warn("user lookup failed", "err", err)
+		return nil, http.StatusServiceUnavailable, bodyDatabaseDown
+	}
+	if u == nil || issuedBeforeCutoff(cl, u) {
+		return nil, http.StatusUnauthorized, bodyUnauthorized
+	}
+	revoked, err := s.store.Revoked(ctx, cl.ID)
+	if err != nil {
+		s.log.Warn("revocation lookup failed", "err", err)
+		return nil, http.StatusServiceUnavailable, bodyDatabaseDown
+	}
+	if revoked {
+		return nil, http.StatusUnauthorized, bodyUnauthorized
+	}
+	if u.MustChangePassword {
+		return nil, http.StatusForbidden, bodyMustChange
+	}
+	if u.Role != "viewer" && u.Role != "admin" {
+		return nil, http.StatusForbidden, bodyForbidden
+	}
+	return u, 0, nil
+}
+
+// events serves GET /api/v1/identities/events. Every refusal is decided and
+// written before the 200 headers. The viewer is subscribed before the
+// snapshot is read, so an event published in between is queued, not lost.
+func (s *Server) events(c *gin.Context) {
+	if s.draining.Load() {
+		s.fail(c, http.StatusServiceUnavailable, bodyShuttingDown)
+		return
+	}
+	ctx := c.Request.Context()
+	user, code, body := s.authorize(ctx, tokenFrom(c.GetHeader("Authorization"), c.Query("token")))
+	if code != 0 {
+		s.fail(c, code, body)
+		return
+	}
+	switch s.limits.acquire(user.UUID) {
+	case slotUserFull:
+		s.fail(c, http.StatusTooManyRequests, detail(fmt.Sprintf("SSE connection limit (%d) reached", s.cfg.MaxPerUser)))
+		return
+	case slotGlobalFull:
+		s.fail(c, http.StatusServiceUnavailable, bodyGlobalCap)
+		return
+	}
+	defer s.limits.release(user.UUID)
+
+	rc := http.NewResponseController(c.Writer)
+	sub, err := s.broker.Subscribe(func(r fanout.Reason) {
+		if r == fanout.ReasonSlow {
+			// Unblock a write stuck on this viewer now, not at its deadline.
+			_ = rc.SetWriteDeadline(time.Now())
+		}
+	})
+	if err != nil {
+		s.fail(c, http.StatusServiceUnavailable, bodyShuttingDown)
+		return
+	}
+	defer sub.Close()
+
+	snap, err := s.snapshot(ctx)
+	if err != nil {
+		s.log.Warn("snapshot failed", "err", err)
+		s.fail(c, http.StatusServiceUnavailable, bodyDatabaseDown)
+		return
+	}
+
+	h := c.Writer.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+	c.Status(http.StatusOK)
+	s.m.connects.WithLabelValues("200").Inc()
+	s.m.connected.Inc()
+	defer s.m.connected.Dec()
+
+	reason := s.stream(c.Writer, rc, sub, snap, ctx.Done())
+	s.m.disconnects.WithLabelValues(reason).Inc()
+}
+
+// snapshot reads the newest identities as the data of a snapshot frame.
+func (s *Server) snapshot(ctx context.Context) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.DBTimeout)
+	defer cancel()
+	start := time.Now()
+	rows, err := s.store.Snapshot(ctx, s.cfg.SnapshotLimit)
+	s.m.snapshot.Observe(time.Since(start).Seconds())
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	var b bytes.Buffer
+	b.WriteString("event: snapshot\ndata: {\"identities\":")
+	// Compact guarantees one data line whatever the store returned.
+	if err := json.Compact(&b, rows); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	b.WriteString("}\n\n")
+	return b.Bytes(), nil
+}
+
+// stream writes the stream until it ends and returns why. It is the only
+// writer of w. Frames are written whole; a stream only ends between frames.
+func (s *Server) stream(w http.ResponseWriter, rc *http.ResponseController, sub *fanout.Subscription, snapshot []byte, gone <-chan struct{}) (reason string) {
+	fw := &frameWriter{w: w, rc: rc, timeout: s.cfg.WriteTimeout}
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("stream failed", "panic", r)
+			if fw.write(frameError) == nil {
+				_ = fw.flush()
+			}
+			reason = reasonInternal
+		}
+	}()
+
+	if err := fw.writeFlush(frameKeepalive, snapshot); err != nil {
+		return reasonWriteError
+	}
+	keepalive := time.NewTimer(s.cfg.Keepalive)
+	defer keepalive.Stop()
+	frames := sub.Frames()
+	for {
+		select {
+		case <-gone:
+			return reasonClientGone
+		case <-sub.Done():
+			if sub.Reason() == fanout.ReasonSlow {
+				return reasonSlow
+			}
+			// Shutdown: hand over what is already queued, then end cleanly so
+			// the browser reconnects to another replica.
+			if err := fw.queued(frames, nil, len(frames)); err != nil {
+				return reasonWriteError
+			}
+			return reasonShutdown
+		case f := <-frames:
+			if err := fw.queued(frames, f, maxBatch); err != nil {
+				return reasonWriteError
+			}
+			keepalive.Reset(s.cfg.Keepalive)
+		case <-keepalive.C:
+			if err := fw.writeFlush(frameKeepalive); err != nil {
+				return reasonWriteError
+			}
+			keepalive.Reset(s.cfg.Keepalive)
+		}
+	}
+}
+
+// frameWriter writes whole frames to one viewer under a write deadline.
+type frameWriter struct {
+	w            http.ResponseWriter
+	rc           *http.ResponseController
+	timeout      time.Duration
+	lastDeadline time.Time
+}
+
+func (fw *frameWriter) write(b []byte) error {
+	// Re-arming the deadline at most once a second keeps it off the per-frame path.
+	if now := time.Now(); now.Sub(fw.lastDeadline) > time.Second {
+		fw.lastDeadline = now
+		_ = fw.rc.SetWriteDeadline(now.Add(fw.timeout))
+	}
+	_, err := fw.w.Write(b)
+	return err
+}
+
+func (fw *frameWriter) flush() error { return fw.rc.Flush() }
+
+func (fw *frameWriter) writeFlush(frames ...[]byte) error {
+	for _, f := range frames {
+		if err := fw.write(f); err != nil {
+			return err
+		}
+	}
+	return fw.flush()
+}
+
+// queued writes first (if not nil) and then up to limit more frames already
+// waiting in the channel, with one flush for the lot.
+func (fw *frameWriter) queued(frames <-chan *fanout.Frame, first *fanout.Frame, limit int) error {
+	if first != nil {
+		if err := fw.write(first.Bytes); err != nil {
+			return err
+		}
+	}
+	for range limit {
+		select {
+		case f := <-frames:
+			if err := fw.write(f.Bytes); err != nil {
+				return err
+			}
+		default:
+			return fw.flush()
+		}
+	}
+	return fw.flush()
+}

@@ -1,0 +1,81 @@
+package fanout
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+)
+
+// TopicPrefix is stripped from a topic to name its SSE event:
+// identity.observation.linked → observation.linked.
+const TopicPrefix = "identity."
+
+// Event is one identity event as the browsers see it (CONTRACT.md, "Output").
+type Event struct {
+	Topic string
+	Type  string
+	// TS is a JSON number literal, epoch seconds, kept as text so the
+	// publisher's value passes through digit for digit.
+	TS string
+	// Payload is a JSON object; Encode compacts it.
+	Payload json.RawMessage
+}
+
+// Frame is one encoded SSE frame, built once and shared by every viewer.
+// Nobody may modify Bytes after Encode returns.
+type Frame struct {
+	Bytes []byte
+}
+
+// EventName derives the SSE event name from a topic: the topic without the
+// leading "identity.", or the whole topic when it lacks that prefix.
+func EventName(topic string) string {
+	if name, ok := strings.CutPrefix(topic, TopicPrefix); ok && name != "" {
+		return name
+	}
+	return topic
+}
+
+// Encode builds the frame `event: <name>\ndata: <json>\n\n`. The data is the
+// compact JSON {"topic","type","ts","payload"}; compact JSON holds no raw CR
+// or LF, so the frame cannot break the SSE framing of the stream.
+func Encode(ev Event) (*Frame, error) {
+	name := EventName(ev.Topic)
+	if name == "" || strings.ContainsAny(name, "\r\n") {
+		return nil, ErrBadName
+	}
+	var b bytes.Buffer
+	b.Grow(64 + len(ev.Topic)*2 + len(ev.Type) + len(ev.TS) + len(ev.Payload))
+	b.WriteString("event: ")
+	b.WriteString(name)
+	b.WriteString("\ndata: {\"topic\":")
+	if err := writeString(&b, ev.Topic); err != nil {
+		return nil, err
+	}
+	b.WriteString(`,"type":`)
+	if err := writeString(&b, ev.Type); err != nil {
+		return nil, err
+	}
+	b.WriteString(`,"ts":`)
+	if err := json.Compact(&b, []byte(ev.TS)); err != nil {
+		return nil, err
+	}
+	b.WriteString(`,"payload":`)
+	if err := json.Compact(&b, ev.Payload); err != nil {
+		return nil, err
+	}
+	b.WriteString("}\n\n")
+	return &Frame{Bytes: b.Bytes()}, nil
+}
+
+// writeString appends s as a JSON string without HTML escaping, as the
+// original Python handler (orjson) did.
+func writeString(b *bytes.Buffer, s string) error {
+	enc := json.NewEncoder(b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(s); err != nil {
+		return err
+	}
+	b.Truncate(b.Len() - 1) // Encode appends a newline.
+	return nil
+}
