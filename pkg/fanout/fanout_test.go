@@ -1,0 +1,233 @@
+package fanout
+
+import (
+	"encoding/json"
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func event(i int) Event {
+	return Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.123",
+		Payload: json.RawMessage(`{"seq":` + strconv.Itoa(i) + `}`)}
+}
+
+func mustSubscribe(t *testing.T, b *Broadcaster, onEnd func(Reason)) *Subscription {
+	t.Helper()
+	s, err := b.Subscribe(onEnd)
+	if err != nil {
+		t.Fatalf("subscribe: %v", err)
+	}
+	return s
+}
+
+func mustPublish(t testing.TB, b *Broadcaster, ev Event) {
+	t.Helper()
+	if err := b.Publish(ev); err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+}
+
+// A viewer that never reads is dropped as slow; the viewers that read get every frame, in order.
+func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
+	const buffer, events = 8, 100
+	b := New(buffer)
+	var ended []Reason
+	stalled := mustSubscribe(t, b, func(r Reason) { ended = append(ended, r) })
+	readers := []*Subscription{mustSubscribe(t, b, nil), mustSubscribe(t, b, nil)}
+	want := make([][]byte, 0, events)
+	got := make([][][]byte, len(readers))
+	for i := range events {
+		ev := event(i)
+		f, err := Encode(ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, f.Bytes)
+		mustPublish(t, b, ev)
+		for r, s := range readers {
+			got[r] = append(got[r], (<-s.Frames()).Bytes)
+		}
+	}
+	for r := range readers {
+		if len(got[r]) != events {
+			t.Fatalf("reader %d got %d frames, want %d", r, len(got[r]), events)
+		}
+		for i := range want {
+			if string(got[r][i]) != string(want[i]) {
+				t.Fatalf("reader %d frame %d = %q, want %q", r, i, got[r][i], want[i])
+			}
+		}
+		if readers[r].Reason() != ReasonNone {
+			t.Fatalf("reader %d ended: %v", r, readers[r].Reason())
+		}
+	}
+	select {
+	case <-stalled.Done():
+	default:
+		t.Fatal("stalled viewer was not dropped")
+	}
+	if stalled.Reason() != ReasonSlow || len(ended) != 1 || ended[0] != ReasonSlow {
+		t.Fatalf("stalled reason %v, onEnd calls %v; want one slow", stalled.Reason(), ended)
+	}
+	if len(stalled.Frames()) != buffer {
+		t.Fatalf("stalled viewer holds %d frames, want its full buffer %d", len(stalled.Frames()), buffer)
+	}
+	if n := b.Len(); n != len(readers) {
+		t.Fatalf("%d subscribers left, want %d", n, len(readers))
+	}
+	st := b.Stats()
+	if st.Published != events || st.Dropped != 1 || st.Delivered != events*2+buffer {
+		t.Fatalf("stats %+v", st)
+	}
+	for _, s := range readers {
+		s.Close()
+	}
+	stalled.Close()
+}
+
+// Publish returns even when every viewer has stopped reading: no send ever blocks.
+func TestPublishNeverBlocks(t *testing.T) {
+	b := New(1)
+	subs := make([]*Subscription, 50)
+	for i := range subs {
+		subs[i] = mustSubscribe(t, b, nil)
+	}
+	for i := range 1000 {
+		mustPublish(t, b, event(i))
+	}
+	for i, s := range subs {
+		if s.Reason() != ReasonSlow {
+			t.Fatalf("sub %d reason %v, want slow", i, s.Reason())
+		}
+	}
+	if b.Len() != 0 {
+		t.Fatalf("%d subscribers left", b.Len())
+	}
+}
+
+// Close ends every subscription as shutdown, refuses new ones, and is idempotent.
+func TestCloseEndsEverySubscription(t *testing.T) {
+	b := New(4)
+	var calls atomic.Int32
+	s1 := mustSubscribe(t, b, func(r Reason) {
+		if r == ReasonShutdown {
+			calls.Add(1)
+		}
+	})
+	s2 := mustSubscribe(t, b, nil)
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []*Subscription{s1, s2} {
+		<-s.Done()
+		if s.Reason() != ReasonShutdown {
+			t.Fatalf("reason %v, want shutdown", s.Reason())
+		}
+		s.Close() // after shutdown: a no-op, and the first reason stays
+		if s.Reason() != ReasonShutdown {
+			t.Fatalf("reason changed to %v", s.Reason())
+		}
+	}
+	if calls.Load() != 1 {
+		t.Fatalf("onEnd called %d times", calls.Load())
+	}
+	if _, err := b.Subscribe(nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("subscribe after close: %v, want ErrClosed", err)
+	}
+	if err := b.Close(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("second close: %v, want ErrClosed", err)
+	}
+}
+
+// Unsubscribe is idempotent and removes exactly that viewer.
+func TestUnsubscribe(t *testing.T) {
+	b := New(4)
+	s1, s2, s3 := mustSubscribe(t, b, nil), mustSubscribe(t, b, nil), mustSubscribe(t, b, nil)
+	s1.Close()
+	s1.Close()
+	if s1.Reason() != ReasonUnsubscribed || b.Len() != 2 {
+		t.Fatalf("reason %v len %d", s1.Reason(), b.Len())
+	}
+	mustPublish(t, b, event(1))
+	if len(s1.Frames()) != 0 || len(s2.Frames()) != 1 || len(s3.Frames()) != 1 {
+		t.Fatalf("queued: %d %d %d", len(s1.Frames()), len(s2.Frames()), len(s3.Frames()))
+	}
+	s3.Close()
+	s2.Close()
+	if b.Len() != 0 {
+		t.Fatalf("len %d", b.Len())
+	}
+}
+
+// Subscribing and unsubscribing while frames are broadcast is race-free, and
+// each viewer sees an increasing sequence with no gap while it reads.
+func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
+	b := New(1024)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				s, err := b.Subscribe(nil)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				last := -1
+				for range 20 + w {
+					var f *Frame
+					select {
+					case f = <-s.Frames():
+					case <-stop:
+						s.Close()
+						return
+					}
+					seq := seqOf(t, f)
+					if last >= 0 && seq != last+1 {
+						t.Errorf("gap: %d after %d", seq, last)
+					}
+					last = seq
+				}
+				s.Close()
+			}
+		}()
+	}
+	for i := range 20000 {
+		mustPublish(t, b, event(i))
+	}
+	close(stop)
+	wg.Wait()
+	if b.Len() != 0 {
+		t.Fatalf("%d subscribers left", b.Len())
+	}
+}
+
+func seqOf(t *testing.T, f *Frame) int {
+	t.Helper()
+	const marker = `"payload":{"seq":`
+	s := string(f.Bytes)
+	i := len(s) - len("}}\n\n")
+	j := i
+	for j > 0 && s[j-1] >= '0' && s[j-1] <= '9' {
+		j--
+	}
+	if j < len(marker) || s[j-len(marker):j] != marker {
+		t.Fatalf("no seq in %q", s)
+	}
+	n, _ := strconv.Atoi(s[j:i])
+	return n
+}
