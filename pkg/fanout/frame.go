@@ -3,8 +3,15 @@ package fanout
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"strings"
+	"unicode/utf8"
 )
+
+// ErrNotUTF8 is returned by Encode for a type, ts or payload that is not
+// UTF-8: an SSE stream is UTF-8, so a browser would read other text than the
+// bytes sent, and encoding/json would silently replace them in the type.
+var ErrNotUTF8 = errors.New("fanout: event is not UTF-8")
 
 // TopicPrefix is stripped from a topic to name its SSE event:
 // identity.observation.linked → observation.linked.
@@ -38,11 +45,15 @@ func EventName(topic string) string {
 
 // Encode builds the frame `event: <name>\ndata: <json>\n\n`. The data is the
 // compact JSON {"topic","type","ts","payload"}; compact JSON holds no raw CR
-// or LF, so the frame cannot break the SSE framing of the stream.
+// or LF, so the frame cannot break the SSE framing of the stream. Every part
+// must be UTF-8 (ErrBadName for the topic, ErrNotUTF8 for the rest).
 func Encode(ev Event) (*Frame, error) {
 	name := EventName(ev.Topic)
-	if name == "" || strings.ContainsAny(name, "\r\n") {
+	if name == "" || strings.ContainsAny(name, "\r\n") || !utf8.ValidString(name) {
 		return nil, ErrBadName
+	}
+	if !utf8.ValidString(ev.Type) || !utf8.ValidString(ev.TS) || !utf8.Valid(ev.Payload) {
+		return nil, ErrNotUTF8
 	}
 	var b bytes.Buffer
 	b.Grow(64 + len(ev.Topic)*2 + len(ev.Type) + len(ev.TS) + len(ev.Payload))

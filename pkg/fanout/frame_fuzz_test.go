@@ -1,0 +1,129 @@
+package fanout_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"reflect"
+	"strings"
+	"testing"
+	"unicode/utf8"
+
+	"github.com/decnet/identity-relay/internal/ssetest"
+	"github.com/decnet/identity-relay/pkg/fanout"
+)
+
+// FuzzEncode guards the SSE framing: whatever Encode accepts becomes exactly
+// one "event:" line and one "data:" line a strict parser reads back, with the
+// topic, type, ts and payload intact; what it refuses is refused for a reason.
+func FuzzEncode(f *testing.F) {
+	seeds := []struct {
+		topic, typ, ts, payload string
+	}{
+		{"identity.formed", "formed", "1750000000.123", `{"identity_uuid":"a","observation_uuids":["o1"]}`},
+		{"identity.observation.linked", "observation.linked", "1750000000", `{"identity_uuid":"a","observation_uuid":"o"}`},
+		{"identity.campaign.assigned", "campaign.assigned", "-1.5e3", `{"campaign_uuid":"c","prior_campaign_uuid":null}`},
+		{"other.topic", "t", "0", `{}`},
+		{"identity.", "", "1", `{ "a" : [ 1 , 2 ] }`},
+		{"identity.x", "a\nb\r\u2028<>&", "1", `{"s":"\n\ndata: x\r\u0000\u001f\u2028<script>"}`},
+		{"identity.x", "t", " 1.5\n", "{\r\n \"a\":\t1\n}\n"},
+		{"identity. spaced", "t", "1", `{}`},
+		{"identity.a:b", "t", "1", `{"é":"ü"}`},
+		{"", "t", "1", `{}`},
+		{"identity.\n", "t", "1", `{}`},
+		{"identity.a\rb", "t", "1", `{}`},
+		{"identity.\xff", "t", "1", `{}`},
+		{"identity.x", "\xff", "1", `{}`},
+		{"identity.x", "t", "1", "{\"a\":\"\xff\"}"},
+		{"identity.x", "t", "", `{}`},
+		{"identity.x", "t", "1", `{`},
+		{"identity.x", "t", "1", `null`},
+	}
+	for _, s := range seeds {
+		f.Add(s.topic, s.typ, s.ts, []byte(s.payload))
+	}
+	f.Fuzz(func(t *testing.T, topic, typ, ts string, payload []byte) {
+		ev := fanout.Event{Topic: topic, Type: typ, TS: ts, Payload: payload}
+		name := fanout.EventName(topic)
+		fr, err := fanout.Encode(ev)
+		if err != nil {
+			usableName := name != "" && !strings.ContainsAny(name, "\r\n") && utf8.ValidString(name)
+			if errors.Is(err, fanout.ErrBadName) == usableName {
+				t.Fatalf("Encode(topic %q) error %v, event name usable: %v", topic, err, usableName)
+			}
+			if errors.Is(err, fanout.ErrNotUTF8) && utf8.ValidString(typ) && utf8.ValidString(ts) && utf8.Valid(payload) {
+				t.Fatalf("Encode refused UTF-8 input as not UTF-8: %q %q %q", typ, ts, payload)
+			}
+			return
+		}
+		checkFrame(t, fr.Bytes, ev)
+	})
+}
+
+// checkFrame asserts that b is the one frame of ev, read back by a strict parser.
+func checkFrame(t *testing.T, b []byte, ev fanout.Event) {
+	t.Helper()
+	if bytes.IndexByte(b, '\r') >= 0 {
+		t.Fatalf("frame holds a CR: %q", b)
+	}
+	f, err := ssetest.ParseEvent(b)
+	if err != nil {
+		t.Fatalf("strict parse of %q: %v", b, err)
+	}
+	if want := fanout.EventName(ev.Topic); f.Event != want {
+		t.Fatalf("event name %q, want %q (frame %q)", f.Event, want, b)
+	}
+	data := []byte(f.Data[0])
+	var compact bytes.Buffer
+	if err := json.Compact(&compact, data); err != nil {
+		t.Fatalf("data is not JSON: %v (frame %q)", err, b)
+	}
+	if !bytes.Equal(compact.Bytes(), data) {
+		t.Fatalf("data is not compact JSON: %q", data)
+	}
+	var got struct {
+		Topic   *string         `json:"topic"`
+		Type    *string         `json:"type"`
+		TS      json.RawMessage `json:"ts"`
+		Payload json.RawMessage `json:"payload"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&got); err != nil {
+		t.Fatalf("data %q: %v", data, err)
+	}
+	if got.Topic == nil || *got.Topic != ev.Topic {
+		t.Fatalf("data topic differs from %q (data %q)", ev.Topic, data)
+	}
+	if got.Type == nil || *got.Type != ev.Type {
+		t.Fatalf("data type differs from %q (data %q)", ev.Type, data)
+	}
+	if !sameJSON(t, got.TS, []byte(ev.TS)) {
+		t.Fatalf("data ts %s, want %q", got.TS, ev.TS)
+	}
+	if !sameJSON(t, got.Payload, ev.Payload) {
+		t.Fatalf("data payload %s, want %q", got.Payload, ev.Payload)
+	}
+}
+
+// sameJSON reports whether a and b hold the same JSON value; numbers are
+// compared as written.
+func sameJSON(t *testing.T, a, b []byte) bool {
+	t.Helper()
+	va, ea := decodeJSON(a)
+	vb, eb := decodeJSON(b)
+	if ea != nil || eb != nil {
+		t.Fatalf("not JSON: %q (%v) / %q (%v)", a, ea, b, eb)
+	}
+	return reflect.DeepEqual(va, vb)
+}
+
+func decodeJSON(b []byte) (any, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
