@@ -58,7 +58,7 @@ func TestEndToEndInProcessKafka(t *testing.T) {
 		`{"v":1,"id":"ab12","topic":"ignored","type":"formed","ts":1750000000.123,"payload":{"identity_uuid":"u-1","observation_uuids":["o-1","o-2"]}}`)
 	want := "event: formed\ndata: {\"topic\":\"identity.formed\",\"type\":\"formed\",\"ts\":1750000000.123," +
 		"\"payload\":{\"identity_uuid\":\"u-1\",\"observation_uuids\":[\"o-1\",\"o-2\"]}}\n\n"
-	if got := s.NextEvent(t, 15*time.Second); got != want {
+	if _, got := relaytest.SplitID(t, s.NextEvent(t, 15*time.Second)); got != want {
 		t.Fatalf("frame\n got %q\nwant %q", got, want)
 	}
 
@@ -66,7 +66,7 @@ func TestEndToEndInProcessKafka(t *testing.T) {
 	start := time.Now()
 	produce(t, cl, "identity.campaign.assigned",
 		`{"identity_uuid":"u-1","campaign_uuid":"c-1","prior_campaign_uuid":null}`)
-	got := s.NextEvent(t, 10*time.Second)
+	_, got := relaytest.SplitID(t, s.NextEvent(t, 10*time.Second))
 	prefix := "event: campaign.assigned\ndata: {\"topic\":\"identity.campaign.assigned\",\"type\":\"campaign.assigned\",\"ts\":"
 	suffix := ",\"payload\":{\"identity_uuid\":\"u-1\",\"campaign_uuid\":\"c-1\",\"prior_campaign_uuid\":null}}\n\n"
 	if !strings.HasPrefix(got, prefix) || !strings.HasSuffix(got, suffix) {
@@ -97,7 +97,7 @@ func TestDemoStreams(t *testing.T) {
 	if len(snap.Identities) < 3 {
 		t.Fatalf("demo snapshot has %d identities", len(snap.Identities))
 	}
-	ev := s.NextEvent(t, 5*time.Second)
+	_, ev := relaytest.SplitID(t, s.NextEvent(t, 5*time.Second))
 	if !regexp.MustCompile(`^event: (formed|observation\.linked|merged|unmerged|campaign\.assigned)\ndata: \{"topic":"identity\.`).MatchString(ev) {
 		t.Fatalf("demo event %q", ev)
 	}

@@ -76,11 +76,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		st = pg
 	}
 
-	hub := fanout.New(cfg.SubscriberBuffer)
+	hub := fanout.New(fanout.Options{
+		Buffer: cfg.SubscriberBuffer, WindowEvents: cfg.ReplayWindow, WindowBytes: cfg.ReplayWindowBytes,
+	})
 	registerFanoutMetrics(reg, hub)
 	cons, err := consumer.New(consumer.Config{
 		Brokers: brokers, TopicsRegex: cfg.TopicsRegex, MaxRecordBytes: cfg.MaxRecordBytes,
-		Logger: log, Registerer: reg,
+		Backfill: cfg.ReplayWindow, Logger: log, Registerer: reg,
 	}, hub)
 	if err != nil {
 		return err
@@ -88,9 +90,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	srv, err := api.New(api.Config{
 		JWTSecret: []byte(secret), JWTIssuer: cfg.JWTIssuer, JWTAudience: cfg.JWTAudience,
 		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
-		Keepalive: cfg.Keepalive, SnapshotLimit: cfg.SnapshotLimit,
+		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
 		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, AuthCacheTTL: 10 * time.Second,
-		Logger: log, Registerer: reg, Gatherer: reg, ConsumerRunning: cons.Running,
+		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
 	}, st, hub)
 	if err != nil {
 		return err
@@ -169,6 +171,12 @@ func registerFanoutMetrics(reg prometheus.Registerer, hub *fanout.Broadcaster) {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "relay_frames_delivered_total", Help: "Frames placed in a viewer's queue.",
 		}, func() float64 { return float64(hub.Stats().Delivered) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "relay_replay_window_events", Help: "Events held in the replay window.",
+		}, func() float64 { return float64(hub.Stats().WindowEvents) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "relay_replay_window_bytes", Help: "Bytes of frames held in the replay window.",
+		}, func() float64 { return float64(hub.Stats().WindowBytes) }),
 	)
 }
 

@@ -23,25 +23,28 @@ const MinSecretLen = 32
 // Config is the relay's settings. Each field names its variable; a flag of
 // the same name (RELAY_LISTEN_ADDR = --listen-addr) overrides the variable.
 type Config struct {
-	Demo             bool          // --demo / RELAY_DEMO: in-process Kafka, memory store, live page; default false
-	ListenAddr       string        // RELAY_LISTEN_ADDR, default ":8080"
-	KafkaBrokers     []string      // RELAY_KAFKA_BROKERS, comma list, required
-	TopicsRegex      string        // RELAY_KAFKA_TOPICS_REGEX, default `^identity\..+`
-	DatabaseURL      string        // RELAY_DATABASE_URL, postgres URL, required
-	DatabaseTimeout  time.Duration // RELAY_DATABASE_TIMEOUT, default 1.5s
-	JWTSecret        string        // RELAY_JWT_SECRET, at least 32 characters, required
-	JWTIssuer        string        // RELAY_JWT_ISSUER, checked only when set
-	JWTAudience      string        // RELAY_JWT_AUDIENCE, checked only when set
-	MaxPerUser       int           // RELAY_SSE_MAX_PER_USER, default 5
-	MaxConnections   int           // RELAY_SSE_MAX_CONNECTIONS, default 10000
-	Keepalive        time.Duration // RELAY_SSE_KEEPALIVE, default 15s
-	WriteTimeout     time.Duration // RELAY_SSE_WRITE_TIMEOUT, default 10s
-	SubscriberBuffer int           // RELAY_SUBSCRIBER_BUFFER, default 256 frames
-	SnapshotLimit    int           // RELAY_SNAPSHOT_LIMIT, default 50
-	MaxRecordBytes   int           // RELAY_MAX_RECORD_BYTES, default 1048576
-	ShutdownTimeout  time.Duration // RELAY_SHUTDOWN_TIMEOUT, default 25s
-	LogLevel         slog.Level    // RELAY_LOG_LEVEL: debug, info, warn, error; default info
-	LogFormat        string        // RELAY_LOG_FORMAT: json or text; default json
+	Demo              bool          // --demo / RELAY_DEMO: in-process Kafka, memory store, live page; default false
+	ListenAddr        string        // RELAY_LISTEN_ADDR, default ":8080"
+	KafkaBrokers      []string      // RELAY_KAFKA_BROKERS, comma list, required
+	TopicsRegex       string        // RELAY_KAFKA_TOPICS_REGEX, default `^identity\..+`
+	DatabaseURL       string        // RELAY_DATABASE_URL, postgres URL, required
+	DatabaseTimeout   time.Duration // RELAY_DATABASE_TIMEOUT, default 1.5s
+	JWTSecret         string        // RELAY_JWT_SECRET, at least 32 characters, required
+	JWTIssuer         string        // RELAY_JWT_ISSUER, checked only when set
+	JWTAudience       string        // RELAY_JWT_AUDIENCE, checked only when set
+	MaxPerUser        int           // RELAY_SSE_MAX_PER_USER, default 5
+	MaxConnections    int           // RELAY_SSE_MAX_CONNECTIONS, default 10000
+	Keepalive         time.Duration // RELAY_SSE_KEEPALIVE, default 15s
+	WriteTimeout      time.Duration // RELAY_SSE_WRITE_TIMEOUT, default 10s
+	SubscriberBuffer  int           // RELAY_SUBSCRIBER_BUFFER, default 256 frames
+	Retry             time.Duration // RELAY_SSE_RETRY, default 3s
+	ReplayWindow      int           // RELAY_REPLAY_WINDOW, default 10000 events
+	ReplayWindowBytes int           // RELAY_REPLAY_WINDOW_BYTES, default 67108864
+	SnapshotLimit     int           // RELAY_SNAPSHOT_LIMIT, default 50
+	MaxRecordBytes    int           // RELAY_MAX_RECORD_BYTES, default 1048576
+	ShutdownTimeout   time.Duration // RELAY_SHUTDOWN_TIMEOUT, default 25s
+	LogLevel          slog.Level    // RELAY_LOG_LEVEL: debug, info, warn, error; default info
+	LogFormat         string        // RELAY_LOG_FORMAT: json or text; default json
 }
 
 type setting struct {
@@ -83,6 +86,12 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.WriteTimeout, err = positiveDuration(v); return }},
 	{"RELAY_SUBSCRIBER_BUFFER", "256", "frames queued per viewer; a viewer whose queue is full is dropped",
 		func(c *Config, v string) (err error) { c.SubscriberBuffer, err = positiveInt(v); return }},
+	{"RELAY_SSE_RETRY", "3s", "reconnection delay hinted to browsers with retry: once per stream",
+		func(c *Config, v string) (err error) { c.Retry, err = positiveDuration(v); return }},
+	{"RELAY_REPLAY_WINDOW", "10000", "events kept in memory for Last-Event-ID resumes; also read back from Kafka per partition at start-up",
+		func(c *Config, v string) (err error) { c.ReplayWindow, err = positiveInt(v); return }},
+	{"RELAY_REPLAY_WINDOW_BYTES", "67108864", "bytes of encoded frames kept for resumes (the window evicts past either bound)",
+		func(c *Config, v string) (err error) { c.ReplayWindowBytes, err = positiveInt(v); return }},
 	{"RELAY_SNAPSHOT_LIMIT", "50", "identities in the snapshot frame",
 		func(c *Config, v string) (err error) { c.SnapshotLimit, err = positiveInt(v); return }},
 	{"RELAY_MAX_RECORD_BYTES", "1048576", "largest Kafka record value relayed; larger ones are skipped and counted",

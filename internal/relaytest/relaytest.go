@@ -339,7 +339,8 @@ func (s *Stream) NextEvent(t testing.TB, timeout time.Duration) string {
 	}
 }
 
-// ExpectStart reads the opening keepalive and the snapshot frame and returns the snapshot's data.
+// ExpectStart reads the opening keepalive, the retry hint and the snapshot
+// frame and returns the snapshot's data.
 func (s *Stream) ExpectStart(t testing.TB) string {
 	t.Helper()
 	if s.Resp.StatusCode != http.StatusOK {
@@ -348,6 +349,9 @@ func (s *Stream) ExpectStart(t testing.TB) string {
 	}
 	if f := s.Next(t, 10*time.Second); f != ": keepalive\n\n" {
 		t.Fatalf("first frame %q, want keepalive", f)
+	}
+	if f := s.Next(t, 10*time.Second); !strings.HasPrefix(f, "retry: ") {
+		t.Fatalf("second frame %q, want the retry hint", f)
 	}
 	f := s.Next(t, 10*time.Second)
 	data, ok := strings.CutPrefix(f, "event: snapshot\ndata: ")
@@ -370,4 +374,15 @@ func Get(t testing.TB, url string) string {
 		t.Fatalf("GET %s: %d %s", url, resp.StatusCode, b)
 	}
 	return string(b)
+}
+
+// SplitID splits an event frame into its id and the rest of the frame.
+func SplitID(t testing.TB, frame string) (id, rest string) {
+	t.Helper()
+	line, rest, ok := strings.Cut(frame, "\n")
+	id, isID := strings.CutPrefix(line, "id: ")
+	if !ok || !isID || id == "" {
+		t.Fatalf("frame without a leading id line: %q", frame)
+	}
+	return id, rest
 }

@@ -37,7 +37,9 @@ type Store interface {
 
 // Broker hands out viewer subscriptions; *fanout.Broadcaster is one.
 type Broker interface {
-	Subscribe(onEnd func(fanout.Reason)) (*fanout.Subscription, error)
+	// SubscribeFrom subscribes a viewer; with a position, it also says what
+	// to replay from the window, or that the viewer needs a snapshot.
+	SubscribeFrom(from fanout.Position, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resume, error)
 }
 
 // Config is the API's part of the relay's settings.
@@ -48,6 +50,7 @@ type Config struct {
 	MaxPerUser     int           // per-user stream cap (429 past it)
 	MaxConnections int           // global stream cap (503 past it)
 	Keepalive      time.Duration // comment frame after this long without a frame
+	Retry          time.Duration // the retry: hint sent once per stream
 	SnapshotLimit  int
 	// DBTimeout bounds every database call of a connect, so a dead database
 	// answers 503 quickly instead of hanging the viewer.
@@ -59,8 +62,9 @@ type Config struct {
 	Logger       *slog.Logger
 	Registerer   prometheus.Registerer
 	Gatherer     prometheus.Gatherer
-	// ConsumerRunning reports whether the Kafka consumer is running (readiness).
-	ConsumerRunning func() bool
+	// ConsumerReady reports whether the Kafka consumer runs and has filled the
+	// replay window at start-up (readiness).
+	ConsumerReady func() bool
 }
 
 // Server is the HTTP side of the relay.
@@ -72,7 +76,9 @@ type Server struct {
 	log    *slog.Logger
 	engine *gin.Engine
 	limits *limiter
+	snaps  *snapshotGroup
 	m      *metrics
+	retry  []byte // the retry: frame
 
 	draining atomic.Bool
 }
@@ -86,8 +92,11 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 		reg := prometheus.NewRegistry()
 		cfg.Registerer, cfg.Gatherer = reg, reg
 	}
-	if cfg.ConsumerRunning == nil {
-		cfg.ConsumerRunning = func() bool { return true }
+	if cfg.Retry <= 0 {
+		cfg.Retry = 3 * time.Second
+	}
+	if cfg.ConsumerReady == nil {
+		cfg.ConsumerReady = func() bool { return true }
 	}
 	m, err := newMetrics(cfg.Registerer)
 	if err != nil {
@@ -100,8 +109,11 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience),
 		log:    cfg.Logger.With("component", "api"),
 		limits: newLimiter(cfg.MaxPerUser, cfg.MaxConnections),
+		snaps:  &snapshotGroup{timeout: cfg.DBTimeout},
 		m:      m,
+		retry:  []byte("retry: " + strconv.FormatInt(cfg.Retry.Milliseconds(), 10) + "\n\n"),
 	}
+	s.snaps.load = func(ctx context.Context) (json.RawMessage, error) { return s.store.Snapshot(ctx, cfg.SnapshotLimit) }
 	gin.SetMode(gin.ReleaseMode)
 	e := gin.New()
 	e.Use(s.recover, s.accessLog)
@@ -132,7 +144,7 @@ var (
 	bodyShuttingDown   = detail("Shutting down")
 	bodyGlobalCap      = detail("Connection limit reached")
 	errDatabase        = errors.New("database unavailable")
-	errConsumerStopped = errors.New("kafka consumer not running")
+	errConsumerStopped = errors.New("kafka consumer not running or still filling the replay window")
 )
 
 func detail(msg string) []byte {
@@ -154,7 +166,7 @@ func (s *Server) readyz(c *gin.Context) {
 	switch {
 	case s.draining.Load():
 		err = errors.New("shutting down")
-	case !s.cfg.ConsumerRunning():
+	case !s.cfg.ConsumerReady():
 		err = errConsumerStopped
 	default:
 		ctx, cancel := context.WithTimeout(c.Request.Context(), s.cfg.DBTimeout)
@@ -201,6 +213,7 @@ type metrics struct {
 	connects    *prometheus.CounterVec
 	disconnects *prometheus.CounterVec
 	snapshot    prometheus.Histogram
+	resumes     *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -218,8 +231,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "relay_snapshot_seconds", Help: "Time to read the snapshot from the database.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 13),
 		}),
+		resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_resumes_total", Help: "Streams opened with Last-Event-ID, by how they resumed: window or snapshot.",
+		}, []string{"via"}),
 	}
-	for _, col := range []prometheus.Collector{m.connected, m.connects, m.disconnects, m.snapshot} {
+	for _, col := range []prometheus.Collector{m.connected, m.connects, m.disconnects, m.snapshot, m.resumes} {
 		if err := reg.Register(col); err != nil {
 			return nil, err
 		}

@@ -88,8 +88,23 @@ func (s *Server) events(c *gin.Context) {
 	}
 	defer s.limits.release(user.UUID)
 
+	// Last-Event-ID is what EventSource sends on reconnect; the query
+	// parameter lets a page resume on its first connection.
+	lastID := c.GetHeader("Last-Event-ID")
+	if lastID == "" {
+		lastID = c.Query("last_event_id")
+	}
+	var from fanout.Position
+	if lastID != "" {
+		var err error
+		from, err = fanout.ParsePosition(lastID)
+		if err != nil {
+			from = fanout.Position{} // not an id of ours: resume from nothing, which asks for a snapshot
+		}
+	}
+
 	rc := http.NewResponseController(c.Writer)
-	sub, err := s.broker.Subscribe(func(r fanout.Reason) {
+	sub, resume, err := s.broker.SubscribeFrom(from, func(r fanout.Reason) {
 		if r == fanout.ReasonSlow {
 			// Unblock a write stuck on this viewer now, not at its deadline.
 			_ = rc.SetWriteDeadline(time.Now())
@@ -101,11 +116,21 @@ func (s *Server) events(c *gin.Context) {
 	}
 	defer sub.Close()
 
-	snap, err := s.snapshot(ctx)
-	if err != nil {
-		s.log.Warn("snapshot failed", "err", err)
-		s.fail(c, http.StatusServiceUnavailable, bodyDatabaseDown)
-		return
+	var snap []byte
+	if from == nil || resume.Gap {
+		if snap, err = s.snapshot(ctx); err != nil {
+			s.log.Warn("snapshot failed", "err", err)
+			s.fail(c, http.StatusServiceUnavailable, bodyDatabaseDown)
+			return
+		}
+		resume = fanout.Resume{}
+	}
+	if from != nil {
+		via := "window"
+		if snap != nil {
+			via = "snapshot"
+		}
+		s.m.resumes.WithLabelValues(via).Inc()
 	}
 
 	h := c.Writer.Header()
@@ -117,16 +142,18 @@ func (s *Server) events(c *gin.Context) {
 	s.m.connected.Inc()
 	defer s.m.connected.Dec()
 
-	reason := s.stream(c.Writer, rc, sub, snap, ctx.Done())
+	fw := &frameWriter{w: c.Writer, rc: rc, timeout: s.cfg.WriteTimeout, skip: resume.Skip}
+	reason := s.stream(fw, sub, snap, resume.Replay, ctx.Done())
 	s.m.disconnects.WithLabelValues(reason).Inc()
 }
 
-// snapshot reads the newest identities as the data of a snapshot frame.
+// snapshot reads the newest identities as a snapshot frame. Concurrent
+// viewers share one query (snapshotGroup).
 func (s *Server) snapshot(ctx context.Context) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.DBTimeout)
 	defer cancel()
 	start := time.Now()
-	rows, err := s.store.Snapshot(ctx, s.cfg.SnapshotLimit)
+	rows, err := s.snaps.get(ctx)
 	s.m.snapshot.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
@@ -141,10 +168,11 @@ func (s *Server) snapshot(ctx context.Context) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// stream writes the stream until it ends and returns why. It is the only
-// writer of w. Frames are written whole; a stream only ends between frames.
-func (s *Server) stream(w http.ResponseWriter, rc *http.ResponseController, sub *fanout.Subscription, snapshot []byte, gone <-chan struct{}) (reason string) {
-	fw := &frameWriter{w: w, rc: rc, timeout: s.cfg.WriteTimeout}
+// stream writes the stream until it ends and returns why: the opening
+// keepalive and retry hint, the snapshot (new viewers and resumes the window
+// cannot serve) or the replayed frames, then live frames and keepalives. It
+// is the only writer of the connection, and it only ends between frames.
+func (s *Server) stream(fw *frameWriter, sub *fanout.Subscription, snapshot []byte, replay []*fanout.Frame, gone <-chan struct{}) (reason string) {
 	defer func() {
 		if r := recover(); r != nil {
 			s.log.Error("stream failed", "panic", r)
@@ -155,9 +183,31 @@ func (s *Server) stream(w http.ResponseWriter, rc *http.ResponseController, sub 
 		}
 	}()
 
-	if err := fw.writeFlush(frameKeepalive, snapshot); err != nil {
+	if err := fw.write(frameKeepalive); err != nil {
 		return reasonWriteError
 	}
+	if err := fw.write(s.retry); err != nil {
+		return reasonWriteError
+	}
+	if snapshot != nil {
+		if err := fw.write(snapshot); err != nil {
+			return reasonWriteError
+		}
+	}
+	for i, f := range replay {
+		if err := fw.write(f.Bytes); err != nil {
+			return reasonWriteError
+		}
+		if i%maxBatch == maxBatch-1 {
+			if err := fw.flush(); err != nil {
+				return reasonWriteError
+			}
+		}
+	}
+	if err := fw.flush(); err != nil {
+		return reasonWriteError
+	}
+
 	keepalive := time.NewTimer(s.cfg.Keepalive)
 	defer keepalive.Stop()
 	frames := sub.Frames()
@@ -195,6 +245,27 @@ type frameWriter struct {
 	rc           *http.ResponseController
 	timeout      time.Duration
 	lastDeadline time.Time
+	// skip holds, for a viewer that resumed ahead of this replica, the offset
+	// per partition below which live frames were already seen; nil once passed.
+	skip fanout.Position
+}
+
+// live writes a live frame unless the viewer saw it on another replica.
+func (fw *frameWriter) live(f *fanout.Frame) error {
+	if fw.skip != nil {
+		if next, ok := fw.skip[f.Key]; ok {
+			if f.Offset >= next-1 { // the last seen one or beyond: stop checking
+				delete(fw.skip, f.Key)
+				if len(fw.skip) == 0 {
+					fw.skip = nil
+				}
+			}
+			if f.Offset < next {
+				return nil
+			}
+		}
+	}
+	return fw.write(f.Bytes)
 }
 
 func (fw *frameWriter) write(b []byte) error {
@@ -222,14 +293,14 @@ func (fw *frameWriter) writeFlush(frames ...[]byte) error {
 // waiting in the channel, with one flush for the lot.
 func (fw *frameWriter) queued(frames <-chan *fanout.Frame, first *fanout.Frame, limit int) error {
 	if first != nil {
-		if err := fw.write(first.Bytes); err != nil {
+		if err := fw.live(first); err != nil {
 			return err
 		}
 	}
 	for range limit {
 		select {
 		case f := <-frames:
-			if err := fw.write(f.Bytes); err != nil {
+			if err := fw.live(f); err != nil {
 				return err
 			}
 		default:

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/pkg/fanout"
@@ -36,6 +37,9 @@ type Config struct {
 	MetadataMaxAge time.Duration
 	Logger         *slog.Logger
 	Registerer     prometheus.Registerer
+	// Backfill is how many records per partition to read back at start-up
+	// into the replay window, so that viewers can resume on a fresh replica.
+	Backfill int
 	// ExtraOpts are appended to the client options (tests use them).
 	ExtraOpts []kgo.Opt
 }
@@ -46,7 +50,13 @@ type Consumer struct {
 	cl      *kgo.Client
 	sink    Sink
 	log     *slog.Logger
+	start   time.Time
 	running atomic.Bool
+
+	filled    atomic.Bool // the start-up backfill has reached the end of every partition
+	fillMu    sync.Mutex
+	fillUntil map[topicPartition]int64 // last offset to read per partition; nil until known
+	fillSeen  map[topicPartition]int64 // last offset read per partition while filling
 
 	consumed *prometheus.CounterVec
 	skipped  *prometheus.CounterVec
@@ -56,10 +66,15 @@ type Consumer struct {
 	lastError map[string]time.Time // rate-limits repeated fetch errors in the log
 }
 
+type topicPartition struct {
+	topic     string
+	partition int32
+}
+
 // New validates cfg and builds the client; it does not contact Kafka yet.
-// Partitions seen at start-up are read from their end; partitions of topics
-// created later are read from their first record after start-up, so nothing
-// published into a new topic is missed.
+// Every partition is read from cfg.Backfill records before its end; records
+// older than the process go to the replay window only (fanout.Event.Backfill),
+// so a new topic's records, all newer, are delivered from its first one.
 func New(cfg Config, sink Sink) (*Consumer, error) {
 	if len(cfg.Brokers) == 0 {
 		return nil, errors.New("consumer: no brokers")
@@ -79,6 +94,8 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 	c := &Consumer{
 		cfg:       cfg,
 		sink:      sink,
+		start:     time.Now(),
+		fillSeen:  map[topicPartition]int64{},
 		log:       cfg.Logger.With("component", "consumer"),
 		lastError: map[string]time.Time{},
 		consumed: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -100,7 +117,7 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 		kgo.SeedBrokers(cfg.Brokers...),
 		kgo.ConsumeTopics(cfg.TopicsRegex),
 		kgo.ConsumeRegex(),
-		kgo.ConsumeStartOffset(kgo.NewOffset().AfterMilli(time.Now().UnixMilli())),
+		kgo.ConsumeStartOffset(kgo.NewOffset().AtEnd().Relative(-int64(cfg.Backfill))),
 		// A partition whose offset vanished (topic re-created, retention) restarts
 		// at its earliest record rather than skipping what is there.
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
@@ -117,9 +134,94 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 	return c, nil
 }
 
-// Running reports whether Run is reading (readiness uses it). Kafka itself
-// may be unreachable: viewers are still served snapshots and keepalives.
-func (c *Consumer) Running() bool { return c.running.Load() }
+// Ready reports whether Run is reading and the start-up backfill is done
+// (readiness uses it). Kafka being unreachable at start-up counts as done
+// once the backfill gives up: viewers are still served snapshots and
+// keepalives, and events flow when Kafka returns.
+func (c *Consumer) Ready() bool { return c.running.Load() && c.filled.Load() }
+
+// backfillTimeout bounds the wait for Kafka's end offsets at start-up.
+const backfillTimeout = 10 * time.Second
+
+// watchBackfill learns the end offset of every matching partition and marks
+// the backfill done once each was read up to it.
+func (c *Consumer) watchBackfill(ctx context.Context) {
+	until, err := c.endOffsets(ctx)
+	if err != nil {
+		c.log.Warn("start-up backfill skipped: end offsets unknown", "err", err)
+		until = map[topicPartition]int64{}
+	}
+	c.fillMu.Lock()
+	defer c.fillMu.Unlock()
+	for tp, seen := range c.fillSeen {
+		if seen >= until[tp] {
+			delete(until, tp)
+		}
+	}
+	c.fillUntil = until
+	c.checkFilledLocked()
+}
+
+func (c *Consumer) endOffsets(ctx context.Context) (map[topicPartition]int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, backfillTimeout)
+	defer cancel()
+	adm := kadm.NewClient(c.cl)
+	details, err := adm.ListTopics(ctx)
+	if err != nil {
+		return nil, err
+	}
+	re := regexp.MustCompile(c.cfg.TopicsRegex)
+	var topics []string
+	for _, t := range details.Names() {
+		if re.MatchString(t) {
+			topics = append(topics, t)
+		}
+	}
+	until := map[topicPartition]int64{}
+	if len(topics) == 0 {
+		return until, nil
+	}
+	starts, err := adm.ListStartOffsets(ctx, topics...)
+	if err != nil {
+		return nil, err
+	}
+	ends, err := adm.ListEndOffsets(ctx, topics...)
+	if err != nil {
+		return nil, err
+	}
+	ends.Each(func(o kadm.ListedOffset) {
+		if s, ok := starts.Lookup(o.Topic, o.Partition); o.Err == nil && ok && s.Err == nil && o.Offset > s.Offset {
+			until[topicPartition{o.Topic, o.Partition}] = o.Offset - 1
+		}
+	})
+	return until, nil
+}
+
+// noteFill records a read offset while the backfill runs.
+func (c *Consumer) noteFill(r *kgo.Record) {
+	if c.filled.Load() {
+		return
+	}
+	tp := topicPartition{r.Topic, r.Partition}
+	c.fillMu.Lock()
+	defer c.fillMu.Unlock()
+	if c.fillUntil == nil {
+		c.fillSeen[tp] = r.Offset
+		return
+	}
+	if last, ok := c.fillUntil[tp]; ok && r.Offset >= last {
+		delete(c.fillUntil, tp)
+		c.checkFilledLocked()
+	}
+}
+
+func (c *Consumer) checkFilledLocked() {
+	if len(c.fillUntil) == 0 && !c.filled.Load() {
+		c.filled.Store(true)
+		c.fillSeen = nil
+		c.log.Info("start-up backfill done", "took", time.Since(c.start).Round(time.Millisecond).String())
+	}
+}
 
 // Run reads until ctx ends, then closes the client. Kafka being unreachable is
 // not an error: the client retries and resumes where it left off.
@@ -127,6 +229,9 @@ func (c *Consumer) Run(ctx context.Context) error {
 	c.running.Store(true)
 	defer c.running.Store(false)
 	defer c.cl.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { c.watchBackfill(ctx) })
 	for {
 		fetches := c.cl.PollFetches(ctx)
 		if ctx.Err() != nil || fetches.IsClientClosed() {
@@ -147,8 +252,11 @@ func (c *Consumer) Run(ctx context.Context) error {
 
 func (c *Consumer) handle(r *kgo.Record) {
 	c.consumed.WithLabelValues(r.Topic).Inc()
+	c.noteFill(r)
 	ev, err := Decode(r.Topic, r.Timestamp, r.Value, c.cfg.MaxRecordBytes)
 	if err == nil {
+		ev.Partition, ev.Offset = r.Partition, r.Offset
+		ev.Backfill = r.Timestamp.Before(c.start)
 		err = c.sink.Publish(ev)
 		if errors.Is(err, fanout.ErrBadName) {
 			err = skip(SkipBadTopic, "%v", err)

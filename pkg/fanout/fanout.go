@@ -16,6 +16,8 @@ var (
 	ErrClosed = errors.New("fanout: broadcaster closed")
 	// ErrBadName is returned by Encode for a topic that cannot name an SSE event.
 	ErrBadName = errors.New("fanout: topic cannot be an SSE event name")
+	// ErrBadID is returned by Encode for an id holding CR, LF or NUL.
+	ErrBadID = errors.New("fanout: id cannot be an SSE id")
 )
 
 // Reason says why a subscription ended. Its String form doubles as a metric label.
@@ -45,15 +47,28 @@ func (r Reason) String() string {
 	}
 }
 
-// Broadcaster offers frames to subscribers. The zero value is not usable; call New.
+// Broadcaster offers frames to subscribers and keeps the replay window. The
+// zero value is not usable; call New.
 type Broadcaster struct {
 	buffer int
 
-	mu     sync.RWMutex
+	mu     sync.Mutex
 	subs   []*Subscription // index held in Subscription.idx, guarded by mu
 	closed bool
+	pos    Position // after the last published event
+	win    *window
 
 	published, delivered, dropped atomic.Uint64
+}
+
+// Options size the broadcaster.
+type Options struct {
+	// Buffer is each viewer's channel capacity, in frames (default 256).
+	Buffer int
+	// WindowEvents and WindowBytes bound the replay window; the oldest frames
+	// are evicted past either (defaults 10000 events, 64 MiB).
+	WindowEvents int
+	WindowBytes  int
 }
 
 // Stats are running totals since New.
@@ -61,23 +76,37 @@ type Stats struct {
 	Published uint64 // events encoded and offered
 	Delivered uint64 // frames placed in a viewer's channel
 	Dropped   uint64 // viewers ended because their channel was full
+	// WindowEvents and WindowBytes are the replay window's size now.
+	WindowEvents int
+	WindowBytes  int
 }
 
 // Stats returns the running totals.
 func (b *Broadcaster) Stats() Stats {
+	b.mu.Lock()
+	n, size := b.win.n, b.win.bytes
+	b.mu.Unlock()
 	return Stats{
-		Published: b.published.Load(),
-		Delivered: b.delivered.Load(),
-		Dropped:   b.dropped.Load(),
+		Published:    b.published.Load(),
+		Delivered:    b.delivered.Load(),
+		Dropped:      b.dropped.Load(),
+		WindowEvents: n,
+		WindowBytes:  size,
 	}
 }
 
-// New returns a broadcaster that gives each subscriber a channel of buffer frames.
-func New(buffer int) *Broadcaster {
-	if buffer < 1 {
-		buffer = 1
+// New returns a broadcaster sized by o.
+func New(o Options) *Broadcaster {
+	if o.Buffer < 1 {
+		o.Buffer = 256
 	}
-	return &Broadcaster{buffer: buffer}
+	if o.WindowEvents < 1 {
+		o.WindowEvents = 10000
+	}
+	if o.WindowBytes < 1 {
+		o.WindowBytes = 64 << 20
+	}
+	return &Broadcaster{buffer: o.Buffer, pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes)}
 }
 
 // Subscription is one viewer's bounded queue of frames.
@@ -132,8 +161,8 @@ func (s *Subscription) end(r Reason) bool {
 
 // Len reports the number of live subscriptions.
 func (b *Broadcaster) Len() int {
-	b.mu.RLock()
-	defer b.mu.RUnlock()
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	return len(b.subs)
 }
 
@@ -143,65 +172,105 @@ func (b *Broadcaster) Len() int {
 // not call the broadcaster. The API uses it to cut a write blocked on a
 // viewer that was just dropped for being slow.
 func (b *Broadcaster) Subscribe(onEnd func(Reason)) (*Subscription, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.subscribeLocked(onEnd)
+}
+
+func (b *Broadcaster) subscribeLocked(onEnd func(Reason)) (*Subscription, error) {
+	if b.closed {
+		return nil, ErrClosed
+	}
 	s := &Subscription{
 		b:     b,
 		c:     make(chan *Frame, b.buffer),
 		done:  make(chan struct{}),
 		onEnd: onEnd,
+		idx:   len(b.subs),
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		return nil, ErrClosed
-	}
-	s.idx = len(b.subs)
 	b.subs = append(b.subs, s)
 	return s, nil
 }
 
-// Publish encodes ev once and offers the frame to every live subscriber
-// without ever blocking. A subscriber whose channel is full is ended with
-// ReasonSlow and removed. Call Publish from one goroutine at a time: each
-// viewer sees frames in the order of the calls.
+// Resume is what a viewer resuming from a position needs besides live frames.
+type Resume struct {
+	// Replay holds the window's frames after the position, in publish order.
+	Replay []*Frame
+	// Skip holds partitions where the position is ahead of this replica: live
+	// frames of such a partition below its offset were already seen elsewhere.
+	Skip Position
+	// Gap is set when the window cannot bring the viewer from the position to
+	// now without loss: the viewer needs a fresh snapshot instead.
+	Gap bool
+}
+
+// SubscribeFrom subscribes a viewer that has seen everything before from; a
+// nil from is a new viewer, with nothing to replay. Subscribing and reading
+// the window happen under one lock, so every frame is either replayed or
+// offered live, never both, never neither.
+func (b *Broadcaster) SubscribeFrom(from Position, onEnd func(Reason)) (*Subscription, Resume, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s, err := b.subscribeLocked(onEnd)
+	if err != nil || from == nil {
+		return s, Resume{}, err
+	}
+	return s, b.win.resume(from, b.pos), nil
+}
+
+// Publish encodes ev once, with the stream position after it as its id, keeps
+// it in the replay window and offers it to every live subscriber without ever
+// blocking. A subscriber whose channel is full is ended with ReasonSlow and
+// removed. Call Publish from one goroutine: each partition's events must come
+// in offset order. A backfill event (read at start-up, older than the
+// process) goes to the window only.
 func (b *Broadcaster) Publish(ev Event) error {
-	f, err := Encode(ev)
+	key := KeyOf(ev.Topic, ev.Partition)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if next, seen := b.pos[key]; seen && ev.Offset < next {
+		// Offsets went back: the topic was deleted and re-created. What the
+		// window holds of the old partition no longer describes the stream.
+		b.win.reset()
+	}
+	prev, had := b.pos[key]
+	b.pos[key] = ev.Offset + 1
+	f, err := Encode(ev, b.pos.Encode())
 	if err != nil {
+		if had {
+			b.pos[key] = prev
+		} else {
+			delete(b.pos, key)
+		}
 		return err
 	}
-	b.broadcast(f)
+	f.Key, f.Offset = key, ev.Offset
+	b.win.add(f)
+	b.published.Add(1)
+	if !ev.Backfill {
+		b.broadcastLocked(f)
+	}
 	return nil
 }
 
-func (b *Broadcaster) broadcast(f *Frame) {
-	delivered := 0
-	var slow []*Subscription
-	b.mu.RLock()
-	for _, s := range b.subs {
+func (b *Broadcaster) broadcastLocked(f *Frame) {
+	delivered, dropped := 0, 0
+	for i := 0; i < len(b.subs); {
+		s := b.subs[i]
 		select {
-		case <-s.done:
-			// Ended but not yet removed: nothing to offer.
+		case s.c <- f:
+			delivered++
+			i++
 		default:
-			select {
-			case s.c <- f:
-				delivered++
-			default:
-				if s.end(ReasonSlow) {
-					slow = append(slow, s)
-				}
+			// Full: drop the viewer. removeLocked swaps the last one into i.
+			if s.end(ReasonSlow) {
+				dropped++
 			}
-		}
-	}
-	b.mu.RUnlock()
-	if len(slow) > 0 {
-		b.mu.Lock()
-		for _, s := range slow {
 			b.removeLocked(s)
 		}
-		b.mu.Unlock()
 	}
-	b.published.Add(1)
 	b.delivered.Add(uint64(delivered))
-	b.dropped.Add(uint64(len(slow)))
+	b.dropped.Add(uint64(dropped))
 }
 
 // Close ends every subscription with ReasonShutdown and refuses new ones.

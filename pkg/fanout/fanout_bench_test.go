@@ -17,7 +17,7 @@ import (
 func BenchmarkBroadcast(b *testing.B) {
 	for _, viewers := range []int{1000, 10000} {
 		b.Run(fmt.Sprintf("viewers=%d", viewers), func(b *testing.B) {
-			hub := New(256)
+			hub := New(Options{})
 			var received atomic.Int64
 			var wg sync.WaitGroup
 			subs := make([]*Subscription, viewers)
@@ -46,6 +46,7 @@ func BenchmarkBroadcast(b *testing.B) {
 			b.ResetTimer()
 			start := time.Now()
 			for i := range b.N {
+				ev.Offset = int64(i)
 				if err := hub.Publish(ev); err != nil {
 					b.Fatal(err)
 				}
@@ -74,7 +75,7 @@ func BenchmarkEncode(b *testing.B) {
 		Payload: json.RawMessage(`{"identity_uuid":"0b6f6a9e-3f1c-4c55-9a53-2f1f1c7d9a10","observation_uuid":"5e0e3c1a-8d7b-4e8f-9d55-0c1b2a3d4e5f"}`)}
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := Encode(ev); err != nil {
+		if _, err := Encode(ev, ""); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -85,4 +86,3 @@ func waitFor(n *atomic.Int64, want int64) {
 		time.Sleep(50 * time.Microsecond)
 	}
 }
-

@@ -15,7 +15,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 func event(i int) Event {
 	return Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.123",
-		Payload: json.RawMessage(`{"seq":` + strconv.Itoa(i) + `}`)}
+		Payload: json.RawMessage(`{"seq":` + strconv.Itoa(i) + `}`), Offset: int64(i)}
 }
 
 func mustSubscribe(t *testing.T, b *Broadcaster, onEnd func(Reason)) *Subscription {
@@ -37,7 +37,7 @@ func mustPublish(t testing.TB, b *Broadcaster, ev Event) {
 // A viewer that never reads is dropped as slow; the viewers that read get every frame, in order.
 func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
 	const buffer, events = 8, 100
-	b := New(buffer)
+	b := New(Options{Buffer: buffer})
 	var ended []Reason
 	stalled := mustSubscribe(t, b, func(r Reason) { ended = append(ended, r) })
 	readers := []*Subscription{mustSubscribe(t, b, nil), mustSubscribe(t, b, nil)}
@@ -45,7 +45,7 @@ func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
 	got := make([][][]byte, len(readers))
 	for i := range events {
 		ev := event(i)
-		f, err := Encode(ev)
+		f, err := Encode(ev, Position{KeyOf(ev.Topic, 0): int64(i) + 1}.Encode())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -94,7 +94,7 @@ func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
 
 // Publish returns even when every viewer has stopped reading: no send ever blocks.
 func TestPublishNeverBlocks(t *testing.T) {
-	b := New(1)
+	b := New(Options{Buffer: 1})
 	subs := make([]*Subscription, 50)
 	for i := range subs {
 		subs[i] = mustSubscribe(t, b, nil)
@@ -114,7 +114,7 @@ func TestPublishNeverBlocks(t *testing.T) {
 
 // Close ends every subscription as shutdown, refuses new ones, and is idempotent.
 func TestCloseEndsEverySubscription(t *testing.T) {
-	b := New(4)
+	b := New(Options{Buffer: 4})
 	var calls atomic.Int32
 	s1 := mustSubscribe(t, b, func(r Reason) {
 		if r == ReasonShutdown {
@@ -148,7 +148,7 @@ func TestCloseEndsEverySubscription(t *testing.T) {
 
 // Unsubscribe is idempotent and removes exactly that viewer.
 func TestUnsubscribe(t *testing.T) {
-	b := New(4)
+	b := New(Options{Buffer: 4})
 	s1, s2, s3 := mustSubscribe(t, b, nil), mustSubscribe(t, b, nil), mustSubscribe(t, b, nil)
 	s1.Close()
 	s1.Close()
@@ -169,7 +169,7 @@ func TestUnsubscribe(t *testing.T) {
 // Subscribing and unsubscribing while frames are broadcast is race-free, and
 // each viewer sees an increasing sequence with no gap while it reads.
 func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
-	b := New(1024)
+	b := New(Options{Buffer: 1024})
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for w := range 8 {

@@ -26,12 +26,21 @@ type Event struct {
 	TS string
 	// Payload is a JSON object; Encode compacts it.
 	Payload json.RawMessage
+
+	// Partition and Offset place the record in Kafka; they make the frame's id.
+	Partition int32
+	Offset    int64
+	// Backfill marks a record read at start-up to fill the replay window: it
+	// is older than the process, so it is kept for resumes but not broadcast.
+	Backfill bool
 }
 
 // Frame is one encoded SSE frame, built once and shared by every viewer.
 // Nobody may modify Bytes after Encode returns.
 type Frame struct {
-	Bytes []byte
+	Bytes  []byte
+	Key    Key   // the partition of the record
+	Offset int64 // the record's offset
 }
 
 // EventName derives the SSE event name from a topic: the topic without the
@@ -43,11 +52,12 @@ func EventName(topic string) string {
 	return topic
 }
 
-// Encode builds the frame `event: <name>\ndata: <json>\n\n`. The data is the
-// compact JSON {"topic","type","ts","payload"}; compact JSON holds no raw CR
-// or LF, so the frame cannot break the SSE framing of the stream. Every part
-// must be UTF-8 (ErrBadName for the topic, ErrNotUTF8 for the rest).
-func Encode(ev Event) (*Frame, error) {
+// Encode builds the frame `id: <id>\nevent: <name>\ndata: <json>\n\n`, without
+// the id line when id is empty. The data is the compact JSON
+// {"topic","type","ts","payload"}; compact JSON holds no raw CR or LF, so the
+// frame cannot break the SSE framing of the stream. Every part must be UTF-8
+// (ErrBadName for the topic, ErrNotUTF8 for the rest).
+func Encode(ev Event, id string) (*Frame, error) {
 	name := EventName(ev.Topic)
 	if name == "" || strings.ContainsAny(name, "\r\n") || !utf8.ValidString(name) {
 		return nil, ErrBadName
@@ -55,8 +65,16 @@ func Encode(ev Event) (*Frame, error) {
 	if !utf8.ValidString(ev.Type) || !utf8.ValidString(ev.TS) || !utf8.Valid(ev.Payload) {
 		return nil, ErrNotUTF8
 	}
+	if strings.ContainsAny(id, "\r\n\x00") {
+		return nil, ErrBadID
+	}
 	var b bytes.Buffer
-	b.Grow(64 + len(ev.Topic)*2 + len(ev.Type) + len(ev.TS) + len(ev.Payload))
+	b.Grow(64 + len(id) + len(ev.Topic)*2 + len(ev.Type) + len(ev.TS) + len(ev.Payload))
+	if id != "" {
+		b.WriteString("id: ")
+		b.WriteString(id)
+		b.WriteByte('\n')
+	}
 	b.WriteString("event: ")
 	b.WriteString(name)
 	b.WriteString("\ndata: {\"topic\":")

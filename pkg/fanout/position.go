@@ -1,0 +1,102 @@
+package fanout
+
+import (
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"hash/fnv"
+	"slices"
+)
+
+// Key names one Kafka partition. The topic is kept as a 32-bit FNV-1a hash so
+// that ids stay small; every replica computes the same hash, so every replica
+// understands every id.
+type Key struct {
+	Topic     uint32
+	Partition int32
+}
+
+// KeyOf returns the key of a topic's partition.
+func KeyOf(topic string, partition int32) Key {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(topic))
+	return Key{Topic: h.Sum32(), Partition: partition}
+}
+
+// Position is a point in the stream: for each partition, the offset of the
+// next record not yet seen. A partition that is absent is at offset 0.
+type Position map[Key]int64
+
+// ErrBadPosition is returned by ParsePosition for an id the relay did not make.
+var ErrBadPosition = errors.New("fanout: not a stream position")
+
+const (
+	positionVersion = 1
+	// MaxPositionLen bounds the ids the relay will parse (Last-Event-ID).
+	MaxPositionLen = 4096
+)
+
+// Encode renders the position as an SSE id: base64url of a version byte, then
+// per topic (by hash, ascending): the 4-byte hash, the partition count n as a
+// uvarint, and n uvarint offsets for partitions 0..n-1 (0 for one never seen,
+// which means exactly that: nothing of it seen).
+func (p Position) Encode() string {
+	return base64.RawURLEncoding.EncodeToString(p.appendBinary(nil))
+}
+
+func (p Position) appendBinary(b []byte) []byte {
+	counts := map[uint32]int32{}
+	for k := range p {
+		counts[k.Topic] = max(counts[k.Topic], k.Partition+1)
+	}
+	topics := make([]uint32, 0, len(counts))
+	for t := range counts {
+		topics = append(topics, t)
+	}
+	slices.Sort(topics)
+	b = append(b, positionVersion)
+	for _, t := range topics {
+		b = binary.BigEndian.AppendUint32(b, t)
+		b = binary.AppendUvarint(b, uint64(counts[t]))
+		for part := range counts[t] {
+			b = binary.AppendUvarint(b, uint64(p[Key{t, part}]))
+		}
+	}
+	return b
+}
+
+// ParsePosition decodes an id made by Encode.
+func ParsePosition(s string) (Position, error) {
+	if len(s) == 0 || len(s) > MaxPositionLen {
+		return nil, ErrBadPosition
+	}
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil || len(b) == 0 || b[0] != positionVersion {
+		return nil, ErrBadPosition
+	}
+	b = b[1:]
+	p := Position{}
+	for len(b) > 0 {
+		if len(b) < 4 {
+			return nil, ErrBadPosition
+		}
+		topic := binary.BigEndian.Uint32(b)
+		b = b[4:]
+		n, w := binary.Uvarint(b)
+		if w <= 0 || n > uint64(len(b)) { // each offset takes at least one byte
+			return nil, ErrBadPosition
+		}
+		b = b[w:]
+		for part := range int32(n) {
+			off, w := binary.Uvarint(b)
+			if w <= 0 || off > 1<<62 {
+				return nil, ErrBadPosition
+			}
+			b = b[w:]
+			if off > 0 {
+				p[Key{topic, part}] = int64(off)
+			}
+		}
+	}
+	return p, nil
+}
