@@ -92,15 +92,35 @@ func issuedBeforeCutoff(c *claims, u *User) bool {
 	return float64(c.IssuedAt.Unix()) < cutoff
 }
 
-// cachedStore keeps user rows and revocations for ttl so that a reconnect
-// storm costs a handful of queries, not one per viewer. Errors are not cached.
+// cachedStore keeps user rows and revocations for ttl, and lets concurrent
+// lookups of one key share one query, so a reconnect storm costs a handful
+// of queries, not one per viewer. Errors are not cached.
 type cachedStore struct {
 	Store
-	ttl time.Duration
+	users   cache[*User]
+	revoked cache[bool]
+}
 
+func newCachedStore(s Store, ttl time.Duration) *cachedStore {
+	return &cachedStore{Store: s, users: newCache[*User](ttl), revoked: newCache[bool](ttl)}
+}
+
+func (c *cachedStore) User(ctx context.Context, uuid string) (*User, error) {
+	return c.users.get(uuid, func() (*User, error) { return c.Store.User(ctx, uuid) })
+}
+
+func (c *cachedStore) Revoked(ctx context.Context, jti string) (bool, error) {
+	return c.revoked.get(jti, func() (bool, error) { return c.Store.Revoked(ctx, jti) })
+}
+
+// maxCached bounds a cache; past it, expired entries are swept.
+const maxCached = 100_000
+
+type cache[T any] struct {
+	ttl     time.Duration
 	mu      sync.Mutex
-	users   map[string]cached[*User]
-	revoked map[string]cached[bool]
+	entries map[string]cached[T]
+	calls   map[string]*call[T] // lookups under way
 }
 
 type cached[T any] struct {
@@ -108,45 +128,50 @@ type cached[T any] struct {
 	expires time.Time
 }
 
-func newCachedStore(s Store, ttl time.Duration) *cachedStore {
-	return &cachedStore{Store: s, ttl: ttl, users: map[string]cached[*User]{}, revoked: map[string]cached[bool]{}}
+type call[T any] struct {
+	done chan struct{}
+	v    T
+	err  error
 }
 
-func (c *cachedStore) User(ctx context.Context, uuid string) (*User, error) {
-	return lookup(c, c.users, uuid, func() (*User, error) { return c.Store.User(ctx, uuid) })
+func newCache[T any](ttl time.Duration) cache[T] {
+	return cache[T]{ttl: ttl, entries: map[string]cached[T]{}, calls: map[string]*call[T]{}}
 }
 
-func (c *cachedStore) Revoked(ctx context.Context, jti string) (bool, error) {
-	return lookup(c, c.revoked, jti, func() (bool, error) { return c.Store.Revoked(ctx, jti) })
-}
-
-// maxCached bounds each cache; past it, expired entries are swept.
-const maxCached = 100_000
-
-func lookup[T any](c *cachedStore, m map[string]cached[T], key string, load func() (T, error)) (T, error) {
-	now := time.Now()
+func (c *cache[T]) get(key string, load func() (T, error)) (T, error) {
 	c.mu.Lock()
-	e, ok := m[key]
-	c.mu.Unlock()
-	if ok && now.Before(e.expires) {
+	if e, ok := c.entries[key]; ok && time.Now().Before(e.expires) {
+		c.mu.Unlock()
 		return e.v, nil
 	}
-	v, err := load()
-	if err != nil || c.ttl <= 0 {
-		return v, err
+	if cl, ok := c.calls[key]; ok {
+		c.mu.Unlock()
+		<-cl.done // bounded: the leader's lookup has the database timeout
+		return cl.v, cl.err
 	}
+	cl := &call[T]{done: make(chan struct{})}
+	c.calls[key] = cl
+	c.mu.Unlock()
+
+	cl.v, cl.err = load()
+
 	c.mu.Lock()
-	if len(m) >= maxCached {
-		for k, e := range m {
-			if !now.Before(e.expires) {
-				delete(m, k)
+	delete(c.calls, key)
+	if cl.err == nil && c.ttl > 0 {
+		now := time.Now()
+		if len(c.entries) >= maxCached {
+			for k, e := range c.entries {
+				if !now.Before(e.expires) {
+					delete(c.entries, k)
+				}
+			}
+			if len(c.entries) >= maxCached {
+				clear(c.entries)
 			}
 		}
-		if len(m) >= maxCached {
-			clear(m)
-		}
+		c.entries[key] = cached[T]{v: cl.v, expires: now.Add(c.ttl)}
 	}
-	m[key] = cached[T]{v: v, expires: now.Add(c.ttl)}
 	c.mu.Unlock()
-	return v, nil
+	close(cl.done)
+	return cl.v, cl.err
 }
