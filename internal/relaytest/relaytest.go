@@ -10,6 +10,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -24,6 +25,9 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // postgres driver
 
@@ -247,7 +251,14 @@ type Stream struct {
 	br     *bufio.Reader
 	cancel context.CancelFunc
 	frames chan frameOrErr
+	gate   sync.Mutex // held while paused: the reader stops reading the socket
 }
+
+// Pause stops reading from the socket, as a stalled browser would.
+func (s *Stream) Pause() { s.gate.Lock() }
+
+// Resume reads from the socket again.
+func (s *Stream) Resume() { s.gate.Unlock() }
 
 type frameOrErr struct {
 	frame string
@@ -257,18 +268,27 @@ type frameOrErr struct {
 // Dial opens the event stream with ?token= and returns it whatever the status.
 func Dial(t testing.TB, baseURL, token string) *Stream {
 	t.Helper()
+	return DialWith(t, baseURL, token, nil)
+}
+
+// DialWith is Dial with extra request headers (Last-Event-ID).
+func DialWith(t testing.TB, baseURL, token string, header http.Header) *Stream {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/api/v1/identities/events?token="+token, nil)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
 	}
+	for k, v := range header {
+		req.Header[k] = v
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		cancel()
 		t.Fatalf("dial: %v", err)
 	}
-	s := &Stream{Resp: resp, br: bufio.NewReader(resp.Body), cancel: cancel, frames: make(chan frameOrErr, 1024)}
+	s := &Stream{Resp: resp, br: bufio.NewReader(resp.Body), cancel: cancel, frames: make(chan frameOrErr, 256)}
 	go s.read()
 	t.Cleanup(s.Close)
 	return s
@@ -285,6 +305,8 @@ func (s *Stream) read() {
 	defer close(s.frames)
 	var cur strings.Builder
 	for {
+		s.gate.Lock()
+		s.gate.Unlock() //nolint:staticcheck // an empty critical section: wait while paused
 		line, err := s.br.ReadString('\n')
 		if err != nil {
 			if cur.Len() > 0 || line != "" {
@@ -327,13 +349,13 @@ func (s *Stream) NextOrEnd(timeout time.Duration) (string, error) {
 	}
 }
 
-// NextEvent skips keepalive comments and returns the next event frame.
+// NextEvent skips keepalive comments and the retry hint and returns the next event frame.
 func (s *Stream) NextEvent(t testing.TB, timeout time.Duration) string {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
 		f := s.Next(t, time.Until(deadline))
-		if !strings.HasPrefix(f, ":") {
+		if !strings.HasPrefix(f, ":") && !strings.HasPrefix(f, "retry: ") {
 			return f
 		}
 	}
@@ -385,4 +407,66 @@ func SplitID(t testing.TB, frame string) (id, rest string) {
 		t.Fatalf("frame without a leading id line: %q", frame)
 	}
 	return id, rest
+}
+
+// Producer returns a Kafka client for producing test records; closed at cleanup.
+func Producer(t testing.TB, brokers []string) *kgo.Client {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.AllowAutoTopicCreation(), kgo.ProducerLinger(0),
+		kgo.RecordPartitioner(kgo.ManualPartitioner()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	return cl
+}
+
+// CreateTopic creates a topic with partitions partitions and waits until it is usable.
+func CreateTopic(t testing.TB, cl *kgo.Client, topic string, partitions int32) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	adm := kadm.NewClient(cl)
+	resp, err := adm.CreateTopic(ctx, partitions, 1, nil, topic)
+	if err != nil || (resp.Err != nil && !errors.Is(resp.Err, kerr.TopicAlreadyExists)) {
+		t.Fatalf("create topic %s: %v %v", topic, err, resp.Err)
+	}
+	for ctx.Err() == nil {
+		md, err := adm.Metadata(ctx, topic)
+		if err == nil {
+			if d, ok := md.Topics[topic]; ok && d.Err == nil && len(d.Partitions) == int(partitions) {
+				return
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("topic %s not ready", topic)
+}
+
+// Produce writes value to topic's partition and waits for the broker's ack.
+func Produce(t testing.TB, cl *kgo.Client, topic string, partition int32, value string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	r := &kgo.Record{Topic: topic, Partition: partition, Value: []byte(value)}
+	if err := cl.ProduceSync(ctx, r).FirstErr(); err != nil {
+		t.Fatalf("produce to %s/%d: %v", topic, partition, err)
+	}
+}
+
+// Metric returns the value of the sample of /metrics whose name and labels
+// are given exactly as exposed, e.g. `relay_viewer_disconnects_total{reason="slow"}`;
+// 0 when the sample is absent.
+func Metric(t testing.TB, baseURL, sample string) float64 {
+	t.Helper()
+	for _, line := range strings.Split(Get(t, baseURL+"/metrics"), "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			var f float64
+			if _, err := fmt.Sscan(v, &f); err != nil {
+				t.Fatalf("metric %s: %v", line, err)
+			}
+			return f
+		}
+	}
+	return 0
 }

@@ -184,28 +184,28 @@ func (s *Server) stream(fw *frameWriter, sub *fanout.Subscription, snapshot []by
 	}()
 
 	if err := fw.write(frameKeepalive); err != nil {
-		return reasonWriteError
+		return writeFailed(sub)
 	}
 	if err := fw.write(s.retry); err != nil {
-		return reasonWriteError
+		return writeFailed(sub)
 	}
 	if snapshot != nil {
 		if err := fw.write(snapshot); err != nil {
-			return reasonWriteError
+			return writeFailed(sub)
 		}
 	}
 	for i, f := range replay {
 		if err := fw.write(f.Bytes); err != nil {
-			return reasonWriteError
+			return writeFailed(sub)
 		}
 		if i%maxBatch == maxBatch-1 {
 			if err := fw.flush(); err != nil {
-				return reasonWriteError
+				return writeFailed(sub)
 			}
 		}
 	}
 	if err := fw.flush(); err != nil {
-		return reasonWriteError
+		return writeFailed(sub)
 	}
 
 	keepalive := time.NewTimer(s.cfg.Keepalive)
@@ -222,21 +222,30 @@ func (s *Server) stream(fw *frameWriter, sub *fanout.Subscription, snapshot []by
 			// Shutdown: hand over what is already queued, then end cleanly so
 			// the browser reconnects to another replica.
 			if err := fw.queued(frames, nil, len(frames)); err != nil {
-				return reasonWriteError
+				return writeFailed(sub)
 			}
 			return reasonShutdown
 		case f := <-frames:
 			if err := fw.queued(frames, f, maxBatch); err != nil {
-				return reasonWriteError
+				return writeFailed(sub)
 			}
 			keepalive.Reset(s.cfg.Keepalive)
 		case <-keepalive.C:
 			if err := fw.writeFlush(frameKeepalive); err != nil {
-				return reasonWriteError
+				return writeFailed(sub)
 			}
 			keepalive.Reset(s.cfg.Keepalive)
 		}
 	}
+}
+
+// writeFailed names why a write failed: a viewer dropped as slow has its
+// blocked write cut on purpose (see events), which is not a network error.
+func writeFailed(sub *fanout.Subscription) string {
+	if sub.Reason() == fanout.ReasonSlow {
+		return reasonSlow
+	}
+	return reasonWriteError
 }
 
 // frameWriter writes whole frames to one viewer under a write deadline.

@@ -1,0 +1,245 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/decnet/identity-relay/internal/relaytest"
+	"github.com/decnet/identity-relay/internal/testenv"
+)
+
+// seqEvent is what the resume tests publish: a sequence number per partition.
+type seqEvent struct {
+	Partition int32 `json:"p"`
+	Seq       int   `json:"seq"`
+}
+
+// resumeEnv isolates a test on its own topic prefix against the real broker.
+func resumeEnv(t *testing.T, extra map[string]string) (env map[string]string, topic string) {
+	t.Helper()
+	prefix := "identity.t" + relaytest.RandomID(4)
+	env = relaytest.Env(t, testenv.KafkaBrokers(t))
+	env["RELAY_KAFKA_TOPICS_REGEX"] = "^" + strings.ReplaceAll(prefix, ".", `\.`) + `\..+`
+	for k, v := range extra {
+		env[k] = v
+	}
+	return env, prefix + ".seq"
+}
+
+// produceSeq produces seqs [from, to) round-robin over partitions.
+func produceSeq(t *testing.T, topic string, partitions int32, from, to int) {
+	t.Helper()
+	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
+	for i := from; i < to; i++ {
+		p := int32(i) % partitions
+		relaytest.Produce(t, cl, topic, p, fmt.Sprintf(`{"p":%d,"seq":%d}`, p, i))
+	}
+}
+
+// collector keeps what a viewer received, checking per-partition order and duplicates.
+type collector struct {
+	t      *testing.T
+	seen   map[int]bool
+	lastBy map[int32]int
+	lastID string
+}
+
+func newCollector(t *testing.T) *collector {
+	return &collector{t: t, seen: map[int]bool{}, lastBy: map[int32]int{}}
+}
+
+// take reads one event frame from s and records it.
+func (c *collector) take(s *relaytest.Stream, timeout time.Duration) {
+	c.t.Helper()
+	c.takeFrame(s.NextEvent(c.t, timeout))
+}
+
+// takeFrame records one event frame.
+func (c *collector) takeFrame(frame string) {
+	c.t.Helper()
+	id, rest := relaytest.SplitID(c.t, frame)
+	_, data, ok := strings.Cut(rest, "\ndata: ")
+	if !ok {
+		c.t.Fatalf("frame without data: %q", rest)
+	}
+	var env struct {
+		Payload seqEvent `json:"payload"`
+	}
+	if err := json.Unmarshal([]byte(strings.TrimSuffix(data, "\n\n")), &env); err != nil {
+		c.t.Fatalf("data %q: %v", data, err)
+	}
+	ev := env.Payload
+	if c.seen[ev.Seq] {
+		c.t.Fatalf("seq %d delivered twice", ev.Seq)
+	}
+	if last, ok := c.lastBy[ev.Partition]; ok && ev.Seq <= last {
+		c.t.Fatalf("partition %d: seq %d after %d", ev.Partition, ev.Seq, last)
+	}
+	c.seen[ev.Seq], c.lastBy[ev.Partition], c.lastID = true, ev.Seq, id
+}
+
+func (c *collector) complete(n int) {
+	c.t.Helper()
+	for i := range n {
+		if !c.seen[i] {
+			c.t.Fatalf("seq %d never delivered (%d of %d seen)", i, len(c.seen), n)
+		}
+	}
+}
+
+func lastEventID(id string) http.Header { return http.Header{"Last-Event-Id": {id}} }
+
+// A viewer reads half a sequence from one relay, reconnects to another with
+// its last id, and ends with the complete sequence: in per-partition order,
+// nothing twice, and no snapshot on the resume.
+func TestResumeOnAnotherReplica(t *testing.T) {
+	env, topic := resumeEnv(t, nil)
+	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
+	relaytest.CreateTopic(t, cl, topic, 3)
+	a, b := relaytest.Start(t, env), relaytest.Start(t, env)
+	a.WaitReady(t)
+	b.WaitReady(t)
+	db := relaytest.DB(t)
+	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, db, "viewer"))
+
+	const n = 60
+	c := newCollector(t)
+	s := relaytest.Dial(t, a.URL, token)
+	s.ExpectStart(t)
+	produceSeq(t, topic, 3, 0, n/2)
+	for range n / 3 {
+		c.take(s, 15*time.Second)
+	}
+	s.Close()
+	produceSeq(t, topic, 3, n/2, n)
+
+	s = relaytest.DialWith(t, b.URL, token, lastEventID(c.lastID))
+	if f := s.Next(t, 10*time.Second); f != ": keepalive\n\n" {
+		t.Fatalf("first frame %q", f)
+	}
+	if f := s.Next(t, 10*time.Second); !strings.HasPrefix(f, "retry: ") {
+		t.Fatalf("second frame %q", f)
+	}
+	for len(c.seen) < n {
+		c.take(s, 15*time.Second) // a snapshot frame here would fail SplitID
+	}
+	c.complete(n)
+	if got := relaytest.Metric(t, b.URL, `relay_resumes_total{via="window"}`); got != 1 {
+		t.Fatalf("relay_resumes_total{via=window} = %v, want 1", got)
+	}
+}
+
+// A viewer that stops reading is dropped as slow, resumes with its last id,
+// and ends with every event.
+func TestStalledViewerResumesComplete(t *testing.T) {
+	env, topic := resumeEnv(t, map[string]string{"RELAY_SUBSCRIBER_BUFFER": "8"})
+	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
+	relaytest.CreateTopic(t, cl, topic, 2)
+	r := relaytest.Start(t, env)
+	r.WaitReady(t)
+	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+
+	// Big events fill the socket buffers quickly, then the 8-frame channel.
+	pad := strings.Repeat("x", 16<<10)
+	const n = 400
+	s := relaytest.Dial(t, r.URL, token)
+	s.ExpectStart(t)
+	s.Pause() // stop reading: the viewer stalls
+	for i := range n {
+		relaytest.Produce(t, cl, topic, int32(i%2), fmt.Sprintf(`{"p":%d,"seq":%d,"pad":%q}`, i%2, i, pad))
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for relaytest.Metric(t, r.URL, `relay_viewer_disconnects_total{reason="slow"}`) < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("stalled viewer was not dropped")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	s.Resume()
+	c := newCollector(t)
+	for {
+		f, err := s.NextOrEnd(10 * time.Second)
+		if err != nil {
+			break // the cut: EOF, possibly after a partial frame
+		}
+		if strings.HasPrefix(f, ":") {
+			continue
+		}
+		c.takeFrame(f)
+	}
+	got := len(c.seen)
+	if got >= n {
+		t.Fatalf("the stalled viewer got all %d events before the cut: the test did not stall it", got)
+	}
+	s2 := relaytest.DialWith(t, r.URL, token, lastEventID(c.lastID))
+	for len(c.seen) < n {
+		c.take(s2, 15*time.Second)
+	}
+	c.complete(n)
+	t.Logf("cut after %d events, resumed with the other %d", got, n-got)
+}
+
+// openingFrames reads the keepalive and retry frames every stream starts with.
+func openingFrames(t *testing.T, s *relaytest.Stream) {
+	t.Helper()
+	if f := s.Next(t, 10*time.Second); f != ": keepalive\n\n" {
+		t.Fatalf("first frame %q", f)
+	}
+	if f := s.Next(t, 10*time.Second); f != "retry: 3000\n\n" {
+		t.Fatalf("second frame %q, want the default retry hint", f)
+	}
+}
+
+// Resuming from inside the window replays without a snapshot (also through
+// ?last_event_id=); from before the window, or with an id the relay did not
+// make, the viewer gets a fresh snapshot and then the live stream.
+func TestResumeEdges(t *testing.T) {
+	env, topic := resumeEnv(t, map[string]string{"RELAY_REPLAY_WINDOW": "5"})
+	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
+	relaytest.CreateTopic(t, cl, topic, 1)
+	r := relaytest.Start(t, env)
+	r.WaitReady(t)
+	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+
+	s := relaytest.Dial(t, r.URL, token)
+	s.ExpectStart(t)
+	produceSeq(t, topic, 1, 0, 20)
+	ids := make([]string, 20)
+	for i := range ids {
+		ids[i], _ = relaytest.SplitID(t, s.NextEvent(t, 15*time.Second))
+	}
+	s.Close()
+
+	t.Run("inside the window, by query parameter", func(t *testing.T) {
+		s := relaytest.Dial(t, r.URL, token+"&last_event_id="+ids[16])
+		openingFrames(t, s)
+		c := newCollector(t)
+		for range 3 {
+			c.take(s, 10*time.Second)
+		}
+		for i := 17; i < 20; i++ {
+			if !c.seen[i] {
+				t.Fatalf("seq %d not replayed; got %v", i, c.seen)
+			}
+		}
+	})
+	for name, id := range map[string]string{"before the window": ids[2], "garbage": "not-an-id"} {
+		t.Run(name, func(t *testing.T) {
+			s := relaytest.DialWith(t, r.URL, token, lastEventID(id))
+			openingFrames(t, s)
+			if f := s.Next(t, 10*time.Second); !strings.HasPrefix(f, "event: snapshot\ndata: {\"identities\":") {
+				t.Fatalf("frame %q, want a snapshot", f)
+			}
+			produceSeq(t, topic, 1, 100, 101)
+			c := newCollector(t)
+			c.take(s, 15*time.Second)
+			if !c.seen[100] || len(c.seen) != 1 {
+				t.Fatalf("after the snapshot got %v, want the live seq 100 only", c.seen)
+			}
+		})
+	}
+}
