@@ -62,8 +62,9 @@ func ParseFrames(b []byte) ([]Frame, error) {
 }
 
 // ParseEvent parses b as exactly one event frame in the relay's shape,
-// "event: <name>\ndata: <data>\n\n" and nothing else: one event line, then
-// one data line, then the blank line; no comment, id or retry.
+// "id: <id>\nevent: <name>\ndata: <data>\n\n" and nothing else: an optional
+// id line, one event line, one data line, then the blank line; no comment
+// and no retry.
 func ParseEvent(b []byte) (Frame, error) {
 	frames, err := ParseFrames(b)
 	if err != nil {
@@ -73,10 +74,14 @@ func ParseEvent(b []byte) (Frame, error) {
 		return Frame{}, fmt.Errorf("ssetest: %d frames, want 1", len(frames))
 	}
 	f := frames[0]
-	if f.Event == "" || len(f.Data) != 1 || len(f.Comments) != 0 || f.HasID || f.HasRetry {
+	if f.Event == "" || len(f.Data) != 1 || len(f.Comments) != 0 || f.HasRetry {
 		return f, fmt.Errorf("ssetest: frame is not one event line and one data line: %q", f.Raw)
 	}
-	if want := "event: " + f.Event + "\ndata: " + f.Data[0] + "\n\n"; string(f.Raw) != want {
+	want := "event: " + f.Event + "\ndata: " + f.Data[0] + "\n\n"
+	if f.HasID {
+		want = "id: " + f.ID + "\n" + want
+	}
+	if string(f.Raw) != want {
 		return f, fmt.Errorf("ssetest: frame %q, want the layout %q", f.Raw, want)
 	}
 	return f, nil

@@ -56,7 +56,7 @@ func EventName(topic string) string {
 // the id line when id is empty. The data is the compact JSON
 // {"topic","type","ts","payload"}; compact JSON holds no raw CR or LF, so the
 // frame cannot break the SSE framing of the stream. Every part must be UTF-8
-// (ErrBadName for the topic, ErrNotUTF8 for the rest).
+// (ErrBadName for the topic, ErrBadID for the id, ErrNotUTF8 for the rest).
 func Encode(ev Event, id string) (*Frame, error) {
 	name := EventName(ev.Topic)
 	if name == "" || strings.ContainsAny(name, "\r\n") || !utf8.ValidString(name) {
@@ -65,7 +65,7 @@ func Encode(ev Event, id string) (*Frame, error) {
 	if !utf8.ValidString(ev.Type) || !utf8.ValidString(ev.TS) || !utf8.Valid(ev.Payload) {
 		return nil, ErrNotUTF8
 	}
-	if strings.ContainsAny(id, "\r\n\x00") {
+	if strings.ContainsAny(id, "\r\n\x00") || !utf8.ValidString(id) {
 		return nil, ErrBadID
 	}
 	var b bytes.Buffer
