@@ -25,11 +25,11 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/jmoiron/sqlx"
+	_ "github.com/lib/pq" // postgres driver
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/jmoiron/sqlx"
-	_ "github.com/lib/pq" // postgres driver
 
 	"github.com/decnet/identity-relay/internal/testenv"
 )

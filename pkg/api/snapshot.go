@@ -9,8 +9,8 @@ import (
 
 // snapshotSpacing is the least time between two snapshot queries. Viewers
 // arriving meanwhile share the next query, so a reconnect storm of thousands
-// costs a few queries a second, while a lone viewer waits for nobody.
-const snapshotSpacing = 250 * time.Millisecond
+// costs one query a second, while a lone viewer waits for nobody.
+const snapshotSpacing = time.Second
 
 // snapshotGroup coalesces snapshot reads. Each viewer is subscribed before it
 // joins, and a flight's query starts only after its last viewer joined, so
