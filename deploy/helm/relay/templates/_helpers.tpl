@@ -1,0 +1,124 @@
+{{/*
+Chart name, truncated to the 63 characters a DNS label allows.
+*/}}
+{{- define "relay.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full resource name: fullnameOverride, else the release name when it already contains the chart
+name, else "<release>-<chart>".
+*/}}
+{{- define "relay.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "relay.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels that select the relay pods. Never change them in an upgrade: Deployment selectors are
+immutable.
+*/}}
+{{- define "relay.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "relay.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "relay.labels" -}}
+helm.sh/chart: {{ include "relay.chart" . }}
+{{ include "relay.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: decnet
+{{- end }}
+
+{{- define "relay.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "relay.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "relay.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Replica count the release runs with at least: autoscaling.minReplicas when the HPA is on, else
+replicaCount. Decides whether a PodDisruptionBudget makes sense.
+*/}}
+{{- define "relay.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}
+{{- .Values.autoscaling.minReplicas | int }}
+{{- else }}
+{{- .Values.replicaCount | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding RELAY_JWT_SECRET and RELAY_DATABASE_URL. Fails rendering when unset:
+the chart never carries secret values itself.
+*/}}
+{{- define "relay.secretName" -}}
+{{- required "existingSecret.name is required: create a Secret holding the JWT secret and the database URL (see deploy/helm/README.md) and pass --set existingSecret.name=<secret>" .Values.existingSecret.name }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: derived as preStop sleep + drain + margin, or the explicit value,
+which must be greater than preStop sleep + drain.
+*/}}
+{{- define "relay.terminationGracePeriodSeconds" -}}
+{{- $s := .Values.shutdown }}
+{{- $floor := add ($s.preStopSleepSeconds | int) ($s.drainTimeoutSeconds | int) }}
+{{- $explicit := $s.terminationGracePeriodSeconds | int }}
+{{- if eq $explicit 0 }}
+{{- add $floor ($s.graceMarginSeconds | int) }}
+{{- else if le $explicit $floor }}
+{{- fail (printf "shutdown.terminationGracePeriodSeconds (%d) must be greater than shutdown.preStopSleepSeconds + shutdown.drainTimeoutSeconds (%d), or the kubelet kills pods that are still draining their streams; set it to 0 to derive it" $explicit $floor) }}
+{{- else }}
+{{- $explicit }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ConfigMap's data: every non-secret RELAY_* setting. Also hashed into the pod template's
+checksum/config annotation, so exactly a change here rolls the pods.
+*/}}
+{{- define "relay.configData" -}}
+RELAY_LISTEN_ADDR: {{ printf ":%d" (.Values.containerPort | int) | quote }}
+RELAY_KAFKA_BROKERS: {{ required "config.kafkaBrokers is required" .Values.config.kafkaBrokers | quote }}
+RELAY_KAFKA_TOPICS_REGEX: {{ .Values.config.kafkaTopicsRegex | quote }}
+{{- with .Values.config.jwtIssuer }}
+RELAY_JWT_ISSUER: {{ . | quote }}
+{{- end }}
+{{- with .Values.config.jwtAudience }}
+RELAY_JWT_AUDIENCE: {{ . | quote }}
+{{- end }}
+RELAY_SSE_MAX_PER_USER: {{ .Values.config.sseMaxPerUser | int | quote }}
+RELAY_SSE_MAX_CONNECTIONS: {{ .Values.config.sseMaxConnections | int | quote }}
+RELAY_SSE_KEEPALIVE: {{ .Values.config.sseKeepalive | quote }}
+RELAY_SSE_WRITE_TIMEOUT: {{ .Values.config.sseWriteTimeout | quote }}
+RELAY_SUBSCRIBER_BUFFER: {{ .Values.config.subscriberBuffer | int | quote }}
+RELAY_SNAPSHOT_LIMIT: {{ .Values.config.snapshotLimit | int | quote }}
+RELAY_DATABASE_TIMEOUT: {{ .Values.config.databaseTimeout | quote }}
+RELAY_MAX_RECORD_BYTES: {{ .Values.config.maxRecordBytes | int | quote }}
+RELAY_SHUTDOWN_TIMEOUT: {{ printf "%ds" (.Values.shutdown.drainTimeoutSeconds | int) | quote }}
+RELAY_LOG_LEVEL: {{ .Values.config.logLevel | quote }}
+RELAY_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+{{- end }}
