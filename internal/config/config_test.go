@@ -1,0 +1,121 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+var valid = map[string]string{
+	"RELAY_KAFKA_BROKERS": "k1:9092, k2:9092",
+	"RELAY_DATABASE_URL":  "postgres://relay:pw@db/decnet",
+	"RELAY_JWT_SECRET":    strings.Repeat("s", 32),
+}
+
+func with(extra map[string]string) map[string]string {
+	m := map[string]string{}
+	for k, v := range valid {
+		m[k] = v
+	}
+	for k, v := range extra {
+		m[k] = v
+	}
+	return m
+}
+
+// Defaults are the documented ones, and flags win over variables.
+func TestDefaultsAndPrecedence(t *testing.T) {
+	c, err := Load(nil, env(valid), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ListenAddr != ":8080" || c.TopicsRegex != `^identity\..+` || c.MaxPerUser != 5 || c.Keepalive != 15*time.Second ||
+		c.SubscriberBuffer != 256 || c.SnapshotLimit != 50 || c.ShutdownTimeout != 25*time.Second || c.LogFormat != "json" ||
+		c.Retry != 3*time.Second || c.ReplayWindow != 10000 || len(c.KafkaBrokers) != 2 || c.KafkaBrokers[1] != "k2:9092" {
+		t.Fatalf("defaults: %+v", c)
+	}
+	c, err = Load([]string{"--sse-max-per-user", "9", "--listen-addr=:9000"}, env(with(map[string]string{"RELAY_SSE_MAX_PER_USER": "3"})), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.MaxPerUser != 9 || c.ListenAddr != ":9000" {
+		t.Fatalf("flags did not win: %+v", c)
+	}
+}
+
+// A missing or bad setting is one error naming the variable, and never echoes a credential.
+func TestInvalidSettings(t *testing.T) {
+	cases := []struct {
+		name string
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{"nothing set", map[string]string{}, nil, "RELAY_KAFKA_BROKERS, RELAY_DATABASE_URL, RELAY_JWT_SECRET not set: set them, or run with --demo"},
+		{"short secret", with(map[string]string{"RELAY_JWT_SECRET": "short-secret"}), nil, "RELAY_JWT_SECRET: must be at least 32 characters, got 12"},
+		{"bad duration", with(map[string]string{"RELAY_SSE_KEEPALIVE": "soon"}), nil, `RELAY_SSE_KEEPALIVE (--sse-keepalive): "soon": want a positive duration`},
+		{"zero buffer", with(map[string]string{"RELAY_SUBSCRIBER_BUFFER": "0"}), nil, `RELAY_SUBSCRIBER_BUFFER (--subscriber-buffer): "0": want a positive integer`},
+		{"bad regex", with(map[string]string{"RELAY_KAFKA_TOPICS_REGEX": "("}), nil, `RELAY_KAFKA_TOPICS_REGEX (--kafka-topics-regex): "(":`},
+		{"bad log format", with(map[string]string{"RELAY_LOG_FORMAT": "xml"}), nil, `RELAY_LOG_FORMAT (--log-format): "xml": want json or text`},
+		{"bad flag value", valid, []string{"--snapshot-limit", "-1"}, `RELAY_SNAPSHOT_LIMIT (--snapshot-limit): "-1"`},
+		{"unknown flag", valid, []string{"--no-such-flag"}, "flag provided but not defined: -no-such-flag"},
+		{"stray argument", valid, []string{"extra"}, `unexpected argument "extra"`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Load(c.args, env(c.env), &bytes.Buffer{})
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("err %v, want ErrInvalid", err)
+			}
+			if !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("err %q, want one line containing %q", err, c.want)
+			}
+			if strings.Contains(err.Error(), "pw@db") || strings.Contains(err.Error(), "short-secret") {
+				t.Fatalf("err %q echoes a credential", err)
+			}
+		})
+	}
+}
+
+// Demo mode needs no Kafka, database or secret.
+func TestDemoNeedsNothing(t *testing.T) {
+	c, err := Load([]string{"--demo"}, env(nil), &bytes.Buffer{})
+	if err != nil || !c.Demo {
+		t.Fatalf("demo: %+v %v", c, err)
+	}
+}
+
+// --help lists every setting with its flag and default, and the README documents every one.
+func TestHelpAndReadmeListEverySetting(t *testing.T) {
+	var out bytes.Buffer
+	if _, err := Load([]string{"--help"}, env(nil), &out); !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("--help: %v", err)
+	}
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range settings {
+		line := s.env + ", --" + s.flag() + " (default "
+		if !strings.Contains(out.String(), line) {
+			t.Errorf("--help lacks %q", line)
+		}
+		def := s.def
+		if def == "" {
+			def = "—"
+		}
+		if !strings.Contains(string(readme), "`"+s.env+"`") && !strings.Contains(string(readme), "`"+s.env+"` (") {
+			t.Errorf("README.md does not document %s", s.env)
+		}
+		if s.env != "RELAY_DEMO" && !strings.Contains(string(readme), "| `"+s.env+"` | `"+def+"` |") &&
+			!strings.Contains(string(readme), "| `"+s.env+"` | "+def+" |") {
+			t.Errorf("README.md does not give %s's default %q", s.env, def)
+		}
+	}
+}
