@@ -145,6 +145,9 @@ func Start(t testing.TB, env map[string]string, args ...string) *Process {
 	return p
 }
 
+// Pid returns the process id of the relay (for /proc/<pid>/status).
+func (p *Process) Pid() int { return p.cmd.Process.Pid }
+
 // Logs returns everything the relay wrote so far.
 func (p *Process) Logs() string { return p.logs.String() }
 
