@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/pkg/fanout"
@@ -64,6 +65,8 @@ type Consumer struct {
 
 	errMu     sync.Mutex
 	lastError map[string]time.Time // rate-limits repeated fetch errors in the log
+
+	recheck map[string]time.Time // last re-creation check per topic (Run's goroutine only)
 }
 
 type topicPartition struct {
@@ -98,6 +101,7 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 		fillSeen:  map[topicPartition]int64{},
 		log:       cfg.Logger.With("component", "consumer"),
 		lastError: map[string]time.Time{},
+		recheck:   map[string]time.Time{},
 		consumed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_records_consumed_total", Help: "Kafka records read, by topic.",
 		}, []string{"topic"}),
@@ -238,6 +242,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 			return nil
 		}
 		fetches.EachError(c.logFetchError)
+		c.followRecreated(ctx, fetches)
 		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
 			for _, r := range p.Records {
 				c.handle(r)
@@ -272,6 +277,51 @@ func (c *Consumer) handle(r *kgo.Record) {
 	c.skipped.WithLabelValues(se.Reason).Inc()
 	c.log.Warn("record skipped", "topic", r.Topic, "partition", r.Partition,
 		"offset", r.Offset, "reason", se.Reason, "detail", se.Detail)
+}
+
+// followRecreated purges from the client every topic whose fetch fails with
+// UNKNOWN_TOPIC_ID while the broker lists it under another topic ID: it was
+// deleted and re-created. franz-go never adopts the new ID by itself, so the
+// topic would stall for good; once purged, the regex finds it again and it is
+// read from its start. A topic the broker still lists under the fetched ID
+// (its creation not yet propagated) is left alone, so nothing is read twice.
+func (c *Consumer) followRecreated(ctx context.Context, fetches kgo.Fetches) {
+	stale := map[string][16]byte{}
+	now := time.Now()
+	fetches.EachTopic(func(ft kgo.FetchTopic) {
+		for _, p := range ft.Partitions {
+			if errors.Is(p.Err, kerr.UnknownTopicID) && now.Sub(c.recheck[ft.Topic]) > time.Second {
+				stale[ft.Topic] = ft.TopicID
+			}
+		}
+	})
+	if len(stale) == 0 {
+		return
+	}
+	topics := make([]string, 0, len(stale))
+	for t := range stale {
+		topics = append(topics, t)
+		c.recheck[t] = now
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	md, err := kadm.NewClient(c.cl).Metadata(ctx, topics...)
+	if err != nil {
+		return // checked again on a later fetch
+	}
+	var purge []string
+	for t, fetched := range stale {
+		if d, ok := md.Topics[t]; ok && d.Err == nil && d.ID != (kadm.TopicID{}) && d.ID != kadm.TopicID(fetched) {
+			purge = append(purge, t)
+		}
+	}
+	if len(purge) > 0 {
+		c.log.Warn("topics deleted and re-created; following the new ones from their start", "topics", purge)
+		c.cl.PurgeTopicsFromClient(purge...)
+	}
+	if len(c.recheck) > 1000 {
+		clear(c.recheck)
+	}
 }
 
 // logFetchError logs each distinct error at most once a minute: a broker that
