@@ -3,7 +3,6 @@ package api
 import (
 	"context"
 	"errors"
-	"math"
 	"strings"
 	"sync"
 	"time"
@@ -88,8 +87,9 @@ func issuedBeforeCutoff(c *claims, u *User) bool {
 	if c.IssuedAt == nil {
 		return true
 	}
-	cutoff := math.Floor(float64(u.TokensValidFrom.UnixNano()) / 1e9)
-	return float64(c.IssuedAt.Unix()) < cutoff
+	// Time.Unix is the floor in seconds, exactly. Float epoch nanoseconds
+	// were not: within 128 ns of the next second they rounded up to it.
+	return c.IssuedAt.Unix() < u.TokensValidFrom.Unix()
 }
 
 // cachedStore keeps user rows and revocations for ttl, and lets concurrent
@@ -106,11 +106,29 @@ func newCachedStore(s Store, ttl time.Duration) *cachedStore {
 }
 
 func (c *cachedStore) User(ctx context.Context, uuid string) (*User, error) {
-	return c.users.get(uuid, func() (*User, error) { return c.Store.User(ctx, uuid) })
+	return c.users.get(uuid, func() (*User, error) {
+		ctx, cancel := detach(ctx)
+		defer cancel()
+		return c.Store.User(ctx, uuid)
+	})
 }
 
 func (c *cachedStore) Revoked(ctx context.Context, jti string) (bool, error) {
-	return c.revoked.get(jti, func() (bool, error) { return c.Store.Revoked(ctx, jti) })
+	return c.revoked.get(jti, func() (bool, error) {
+		ctx, cancel := detach(ctx)
+		defer cancel()
+		return c.Store.Revoked(ctx, jti)
+	})
+}
+
+// detach keeps ctx's deadline but not its cancellation: a shared lookup
+// serves every viewer waiting on it, so the one that started it leaving
+// must not fail it for the others.
+func detach(ctx context.Context) (context.Context, context.CancelFunc) {
+	if d, ok := ctx.Deadline(); ok {
+		return context.WithDeadline(context.WithoutCancel(ctx), d)
+	}
+	return context.WithCancel(context.WithoutCancel(ctx))
 }
 
 // maxCached bounds a cache; past it, expired entries are swept.
