@@ -150,7 +150,11 @@ func (s *Server) events(c *gin.Context) {
 // snapshot reads the newest identities as a snapshot frame. Concurrent
 // viewers share one query (snapshotGroup).
 func (s *Server) snapshot(ctx context.Context) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.DBTimeout)
+	// The query has DBTimeout of its own (snapshotGroup); the viewer may first
+	// wait up to snapshotSpacing for it to start, which must not count
+	// against the database's time, or a viewer arriving just after another's
+	// query would get a 503 from a healthy database.
+	ctx, cancel := context.WithTimeout(ctx, snapshotSpacing+s.cfg.DBTimeout)
 	defer cancel()
 	start := time.Now()
 	rows, err := s.snaps.get(ctx)
