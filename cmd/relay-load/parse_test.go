@@ -1,0 +1,93 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"strings"
+	"testing"
+)
+
+type recSink struct{ frames []string }
+
+func (s *recSink) frame(p *parser, _ int64) {
+	s.frames = append(s.frames, fmt.Sprintf("%d %v %v %d %d %d", p.kind, p.fOK, p.fRun, p.fPart, p.fSeq, p.fSent))
+}
+
+func chunk(parts ...string) string {
+	var b strings.Builder
+	for _, p := range parts {
+		fmt.Fprintf(&b, "%x\r\n%s\r\n", len(p), p)
+	}
+	return b.String()
+}
+
+// The parser must give the same frames whatever the read boundaries, with
+// and without chunked encoding, and read the tool's fields from data lines.
+func TestParserSplits(t *testing.T) {
+	pad := strings.Repeat("x", 3000) // longer than lineCap: the fields come first
+	ev := func(run string, part, seq int) string {
+		return fmt.Sprintf("id: abc\nevent: formed\ndata: {\"topic\":\"identity.formed\",\"type\":\"formed\",\"ts\":1.5,\"payload\":{\"run\":\"%s\",\"part\":%d,\"seq\":%d,\"sent_ns\":1750000000123456789,\"identity_uuid\":\"u\",\"pad\":\"%s\"}}\n\n", run, part, seq, pad)
+	}
+	body := []string{": keepalive\n\n", "retry: 3000\n\n", "event: snapshot\ndata: {\"identities\":[]}\n\n",
+		ev("r1", 0, -1) + ev("r1", 2, 7), ev("other", 1, 3), "event: error\ndata: {\"message\":\"Stream interrupted\"}\n\n"}
+	want := []string{
+		"1 false false 0 0 0", "2 false false 0 0 0",
+		"4 true true 0 -1 1750000000123456789", "4 true true 2 7 1750000000123456789",
+		"4 true false 1 3 1750000000123456789", "3 false false 0 0 0",
+	}
+	for _, chunked := range []bool{false, true} {
+		stream := strings.Join(body, "")
+		if chunked {
+			stream = chunk(body...) + "0\r\n\r\n"
+		}
+		for _, step := range []int{1, 2, 3, 7, 64, 511, 4096, len(stream)} {
+			s := &recSink{}
+			p := &parser{chunked: chunked, sink: s, runID: []byte(`r1"`)}
+			for i := 0; i < len(stream); i += step {
+				p.feed([]byte(stream[i:min(i+step, len(stream))]), 1)
+			}
+			if got := strings.Join(s.frames, "|"); got != strings.Join(want, "|") {
+				t.Fatalf("chunked=%v step=%d:\n got %s\nwant %s", chunked, step, got, strings.Join(want, "|"))
+			}
+			if p.bodyEnd != chunked || p.badChunk {
+				t.Fatalf("chunked=%v step=%d: bodyEnd %v badChunk %v", chunked, step, p.bodyEnd, p.badChunk)
+			}
+		}
+	}
+}
+
+// The histogram's quantiles must be within its stated precision.
+func TestHistQuantiles(t *testing.T) {
+	h := new(hist)
+	for i := int64(1); i <= 100000; i++ {
+		h.add(i * 1000) // 1 µs .. 100 ms, uniform
+	}
+	d := histData{}
+	h.data(d)
+	for _, q := range []float64{0.5, 0.99, 0.999} {
+		want := q * 100000 * 1000
+		if got := d.quantile(q); math.Abs(got-want)/want > 0.01 {
+			t.Errorf("q%.3f = %.0f, want %.0f ±1%%", q, got, want)
+		}
+	}
+	for _, v := range []int64{0, 1, 127, 128, 129, 255, 256, 1 << 40} {
+		if got := histValue(histIndex(v)); math.Abs(got-float64(v)) > float64(v)/128+1 {
+			t.Errorf("value %d lands in a bucket of %.0f", v, got)
+		}
+	}
+}
+
+// Exactly k of n viewers are stalled, spread out.
+func TestIsStalled(t *testing.T) {
+	for _, c := range [][2]int{{1000, 100}, {100, 0}, {7, 7}, {10, 3}} {
+		n := 0
+		for i := range c[0] {
+			if isStalled(i, c[0], c[1]) {
+				n++
+			}
+		}
+		if n != c[1] {
+			t.Errorf("n=%d k=%d: %d stalled", c[0], c[1], n)
+		}
+	}
+}

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Load benchmarks of the relay: the five standard scenarios, each against a
+# freshly started relay process (built with go build -o), with viewers and
+# a producer from cmd/relay-load.
+#
+#   scripts/bench.sh [--kfake] [--only 1,3,5] [--out DIR]
+#
+#   1  1,000 viewers, 400 events/s: latency p50/p99
+#   2  1,000 viewers, 1,000 events/s: keeps up?, p99, relay CPU-s per million frames
+#   3  burst of 20,000 events to 1,000 viewers: frames/s
+#      (3a with the relay's defaults; 3b with RELAY_SUBSCRIBER_BUFFER large
+#      enough to hold the burst, so that the figure is throughput, not drops)
+#   4  9,000 idle viewers: relay RSS per viewer, keepalives on time
+#      (RELAY_SSE_KEEPALIVE=5s)
+#   5  100 of 1,000 viewers stalled, 100 events/s of 4 KiB: readers' p99
+#      against the same run with none stalled (5b); when each stalled viewer
+#      was cut; relay RSS over time
+#
+# The broker is a real single-node Kafka from scripts/kafka.sh (default), or
+# with --kfake franz-go's in-process kfake served by relay-load --kfake.
+# PostgreSQL comes from scripts/pg.sh; the script inserts the bench user.
+# Each scenario prints its figures and the exact commands used; everything
+# (tables, JSON reports, relay logs, perf profiles) is kept in the output
+# directory. The services are left running for the next run; stop them with
+#   RELAY_TEST_STATE=... scripts/kafka.sh stop; RELAY_TEST_STATE=... scripts/pg.sh stop
+#
+# Settings (environment):
+#   RELAY_TEST_STATE                 state root of Kafka and PostgreSQL (/tmp/relay-bench)
+#   RELAY_TEST_KAFKA_PORT            broker port, also kfake's (59192)
+#   RELAY_TEST_KAFKA_CONTROLLER_PORT controller port (59193)
+#   RELAY_TEST_PG_PORT               PostgreSQL port (55435)
+#   BENCH_RELAY_PORT                 the relay's port (59180)
+#   BENCH_DURATION                   measured interval of rate and idle runs (60s)
+#   BENCH_WARMUP                     unmeasured start of rate runs (10s)
+#   BENCH_PERF                       1: perf record the relay during scenarios 2 and 3
+#                                    (needs perf; cpu-clock sampling, call graphs)
+#   BENCH_EXTRA                      extra flags for every relay-load run
+#
+# The machine should be quiet: the tool and the relay share its cores, and
+# every figure moves with whatever else runs. The script prints the load
+# average and the busiest other processes before each scenario.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$SCRIPT_DIR/.." && pwd)"
+
+export RELAY_TEST_STATE="${RELAY_TEST_STATE:-/tmp/relay-bench}"
+export RELAY_TEST_KAFKA_PORT="${RELAY_TEST_KAFKA_PORT:-59192}"
+export RELAY_TEST_KAFKA_CONTROLLER_PORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT:-59193}"
+export RELAY_TEST_PG_PORT="${RELAY_TEST_PG_PORT:-55435}"
+RELAY_PORT="${BENCH_RELAY_PORT:-59180}"
+DURATION="${BENCH_DURATION:-60s}"
+WARMUP="${BENCH_WARMUP:-10s}"
+PERF="${BENCH_PERF:-0}"
+EXTRA="${BENCH_EXTRA:-}"
+
+BROKER_MODE=kafka
+ONLY="1,2,3,4,5"
+OUT=""
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--kfake) BROKER_MODE=kfake ;;
+	--only) ONLY="$2"; shift ;;
+	--out) OUT="$2"; shift ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+	*) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
+	esac
+	shift
+done
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+OUT="${OUT:-$RELAY_TEST_STATE/bench-$(date -u +%Y%m%dT%H%M%SZ)}"
+BIN="$RELAY_TEST_STATE/bench-bin"
+mkdir -p "$OUT" "$BIN"
+SECRET="bench-secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+USER_ID="bench-viewer"
+RELAY_URL="http://127.0.0.1:$RELAY_PORT"
+RUN_TAG="$(date -u +%H%M%S)"
+
+log() { echo "bench.sh: $*" >&2; }
+die() { echo "bench.sh: $*" >&2; exit 1; }
+
+RELAY_PID=""
+KFAKE_PID=""
+cleanup() {
+	[ -n "$RELAY_PID" ] && kill -TERM "$RELAY_PID" 2>/dev/null && wait "$RELAY_PID" 2>/dev/null || true
+	[ -n "$KFAKE_PID" ] && kill -TERM "$KFAKE_PID" 2>/dev/null && wait "$KFAKE_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# --- build -----------------------------------------------------------------
+log "building the relay and relay-load into $BIN"
+(cd "$REPO" && go build -o "$BIN/relay" ./cmd/relay && go build -o "$BIN/relay-load" ./cmd/relay-load)
+
+# --- PostgreSQL ------------------------------------------------------------
+DB_URL="$(bash "$SCRIPT_DIR/pg.sh" start)"
+psql -X -q -v ON_ERROR_STOP=1 "$DB_URL" \
+	-c "INSERT INTO users (uuid, username, role) VALUES ('$USER_ID', '$USER_ID', 'viewer') ON CONFLICT (uuid) DO UPDATE SET role = 'viewer', must_change_password = false, tokens_valid_from = NULL" >/dev/null
+
+# --- broker ----------------------------------------------------------------
+if [ "$BROKER_MODE" = kafka ]; then
+	BROKERS="$(bash "$SCRIPT_DIR/kafka.sh" start)"
+else
+	"$BIN/relay-load" --kfake --kfake-port "$RELAY_TEST_KAFKA_PORT" --kfake-for 6h >"$OUT/kfake.addr" 2>"$OUT/kfake.log" &
+	KFAKE_PID=$!
+	for _ in $(seq 50); do [ -s "$OUT/kfake.addr" ] && break; sleep 0.1; done
+	BROKERS="$(head -n1 "$OUT/kfake.addr")"
+	[ -n "$BROKERS" ] || die "kfake did not start (see $OUT/kfake.log)"
+fi
+log "broker ($BROKER_MODE) at $BROKERS; PostgreSQL at 127.0.0.1:$RELAY_TEST_PG_PORT; output in $OUT"
+
+# --- one scenario ------------------------------------------------------------
+# scenario NAME "RELAY_VAR=value ..." relay-load flags...
+scenario() {
+	local name="$1" relay_env="$2"
+	shift 2
+	local topic="identity.bench-$name-$RUN_TAG"
+	local env=(
+		RELAY_LISTEN_ADDR="127.0.0.1:$RELAY_PORT"
+		RELAY_KAFKA_BROKERS="$BROKERS"
+		RELAY_DATABASE_URL="$DB_URL"
+		RELAY_JWT_SECRET="$SECRET"
+		RELAY_SSE_MAX_PER_USER=20000
+		RELAY_SSE_MAX_CONNECTIONS=20000
+		RELAY_LOG_LEVEL=info
+	)
+	# shellcheck disable=SC2206
+	[ -n "$relay_env" ] && env+=($relay_env)
+
+	echo
+	echo "################ scenario $name ################"
+	echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); busiest other processes:"
+	ps -eo pcpu,comm --sort=-pcpu | sed -n '2,6p' | sed 's/^/    /'
+
+	env -i PATH="$PATH" HOME="$HOME" "${env[@]}" "$BIN/relay" >"$OUT/relay-$name.log" 2>&1 &
+	RELAY_PID=$!
+	local ok=""
+	for _ in $(seq 200); do
+		if curl -fsS "$RELAY_URL/readyz" >/dev/null 2>&1; then ok=1; break; fi
+		kill -0 "$RELAY_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	[ -n "$ok" ] || { tail -n 20 "$OUT/relay-$name.log" >&2; die "relay not ready"; }
+
+	local cmd=("$BIN/relay-load" --url "$RELAY_URL" --jwt-secret "$SECRET" --user "$USER_ID"
+		--brokers "$BROKERS" --topic "$topic" --relay-pid "$RELAY_PID" --label "scenario $name"
+		--json-out "$OUT/s$name.json" "$@")
+	# shellcheck disable=SC2206
+	[ -n "$EXTRA" ] && cmd+=($EXTRA)
+
+	echo "relay:     env $(printf '%s ' "${env[@]}" | sed "s/$SECRET/\$SECRET/g; s#$DB_URL#\$DB_URL#g")$BIN/relay"
+	echo "command:   $(printf '%q ' "${cmd[@]}" | sed "s/$SECRET/\$SECRET/g")"
+
+	local perf_pid=""
+	if [ "$PERF" = 1 ] && { [ "$name" = 2 ] || [[ "$name" == 3* ]]; } && command -v perf >/dev/null; then
+		perf record -e cpu-clock -F 499 -g -p "$RELAY_PID" -o "$OUT/perf-$name.data" >/dev/null 2>&1 &
+		perf_pid=$!
+	fi
+	local rc=0
+	"${cmd[@]}" >"$OUT/s$name.txt" 2>"$OUT/s$name.progress" || rc=$?
+	if [ -n "$perf_pid" ]; then
+		kill -INT "$perf_pid" 2>/dev/null || true
+		wait "$perf_pid" 2>/dev/null || true
+		perf report -i "$OUT/perf-$name.data" --stdio --no-children -g none --sort symbol 2>/dev/null |
+			grep -v '^#' | grep -v '^$' | head -n 40 >"$OUT/perf-$name.txt" || true
+		echo "perf:      flat profile of the relay (top 40 symbols) in $OUT/perf-$name.txt"
+	fi
+	cat "$OUT/s$name.txt"
+	[ $rc -eq 0 ] || { echo "relay-load exited with $rc:"; tail -n 5 "$OUT/s$name.progress"; }
+	echo "relay:     $(grep -c '"level":"WARN"' "$OUT/relay-$name.log" || true) warnings, $(grep -c '"level":"ERROR"' "$OUT/relay-$name.log" || true) errors in its log"
+	# The relay's own counts: why viewers left, frames it queued.
+	curl -fsS "$RELAY_URL/metrics" >"$OUT/metrics-$name.txt" 2>/dev/null || true
+	echo "relay:     $(grep -E '^relay_(viewer_disconnects_total|events_published_total|frames_delivered_total)' "$OUT/metrics-$name.txt" | tr '\n' ' ')"
+
+	kill -TERM "$RELAY_PID" 2>/dev/null || true
+	wait "$RELAY_PID" 2>/dev/null || true
+	RELAY_PID=""
+	sleep 2 # let the closed connections leave the tables
+}
+
+want 1 && scenario 1 "" --viewers 1000 --rate 400 --duration "$DURATION" --warmup "$WARMUP"
+want 2 && scenario 2 "" --viewers 1000 --rate 1000 --duration "$DURATION" --warmup "$WARMUP"
+if want 3; then
+	scenario 3a "" --viewers 1000 --burst 20000
+	scenario 3b "RELAY_SUBSCRIBER_BUFFER=20480" --viewers 1000 --burst 20000
+fi
+want 4 && scenario 4 "RELAY_SSE_KEEPALIVE=5s" --viewers 9000 --duration "$DURATION" --warmup 5s --keepalive 5s
+if want 5; then
+	scenario 5a "" --viewers 1000 --stalled 100 --rate 100 --value-bytes 4096 --duration "$DURATION" --warmup "$WARMUP"
+	scenario 5b "" --viewers 1000 --stalled 0 --rate 100 --value-bytes 4096 --duration "$DURATION" --warmup "$WARMUP"
+fi
+
+# --- recap -------------------------------------------------------------------
+echo
+echo "################ recap ($OUT) ################"
+for f in "$OUT"/s*.txt; do
+	[ -e "$f" ] || continue
+	head -n1 "$f"
+	grep -E '^  (delivery|latency|relay cpu|relay rss|keepalive|stalled|keeps up) ' "$f" || true
+done
