@@ -1,0 +1,46 @@
+# make test      the whole suite with real PostgreSQL and Kafka (scripts/test.sh)
+# make build     bin/relay
+# make demo      run the relay in demo mode
+# make bench     benchmarks
+# make services-up / services-down
+#                start/stop the test PostgreSQL and Kafka for running single
+#                tests by hand; services-up prints the exports to use, e.g.
+#                  eval "$$(make -s services-env)"
+#                  go test -run TestX ./pkg/...
+
+SHELL := /usr/bin/env bash
+GO ?= go
+
+.PHONY: all test build demo bench services-up services-down services-env
+
+all: build
+
+test:
+	bash scripts/test.sh
+
+build:
+	$(GO) build -o bin/relay ./cmd/relay
+
+demo:
+	$(GO) run ./cmd/relay --demo
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
+
+services-up:
+	bash scripts/pg.sh start >/dev/null
+	bash scripts/kafka.sh start >/dev/null
+	@echo
+	@echo "# PostgreSQL and Kafka are up. In your shell run:  eval \"\$$(make -s services-env)\""
+	@echo "# or paste:"
+	@bash scripts/pg.sh env
+	@bash scripts/kafka.sh env
+	@echo "# stop them with: make services-down"
+
+services-env:
+	@bash scripts/pg.sh env
+	@bash scripts/kafka.sh env
+
+services-down:
+	bash scripts/kafka.sh stop
+	bash scripts/pg.sh stop
