@@ -101,8 +101,8 @@ func openViewer(t testing.TB, client *http.Client, baseURL, token string) *sseVi
 }
 
 // openViewers opens n streams at once: connects arriving together share one
-// snapshot read (the relay reads snapshots at most once a second, so one by
-// one they would take a second each). Closed at cleanup.
+// snapshot read (the relay spaces snapshot reads apart, so one by one each
+// would wait for the next read). Closed at cleanup.
 func openViewers(t testing.TB, client *http.Client, baseURL, token string, n int) []*sseViewer {
 	t.Helper()
 	vs := make([]*sseViewer, n)
