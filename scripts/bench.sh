@@ -19,6 +19,8 @@
 # The broker is a real single-node Kafka from scripts/kafka.sh (default), or
 # with --kfake franz-go's in-process kfake served by relay-load --kfake.
 # PostgreSQL comes from scripts/pg.sh; the script inserts the bench user.
+# Each scenario has its own topic, deleted at its end, so that every relay
+# starts with an empty replay window (its RSS before viewers is a baseline).
 # Each scenario prints its figures and the exact commands used; everything
 # (tables, JSON reports, relay logs, perf profiles) is kept in the output
 # directory. The services are left running for the next run; stop them with
@@ -144,7 +146,7 @@ scenario() {
 
 	local cmd=("$BIN/relay-load" --url "$RELAY_URL" --jwt-secret "$SECRET" --user "$USER_ID"
 		--brokers "$BROKERS" --topic "$topic" --relay-pid "$RELAY_PID" --label "scenario $name"
-		--json-out "$OUT/s$name.json" "$@")
+		--json-out "$OUT/s$name.json" --delete-topic "$@")
 	# shellcheck disable=SC2206
 	[ -n "$EXTRA" ] && cmd+=($EXTRA)
 
@@ -181,13 +183,15 @@ scenario() {
 want 1 && scenario 1 "" --viewers 1000 --rate 400 --duration "$DURATION" --warmup "$WARMUP"
 want 2 && scenario 2 "" --viewers 1000 --rate 1000 --duration "$DURATION" --warmup "$WARMUP"
 if want 3; then
-	scenario 3a "" --viewers 1000 --burst 20000
-	scenario 3b "RELAY_SUBSCRIBER_BUFFER=20480" --viewers 1000 --burst 20000
+	# 20 million frames: give the viewers time to receive them all.
+	scenario 3a "" --viewers 1000 --burst 20000 --drain 180s
+	scenario 3b "RELAY_SUBSCRIBER_BUFFER=20480" --viewers 1000 --burst 20000 --drain 180s
 fi
 want 4 && scenario 4 "RELAY_SSE_KEEPALIVE=5s" --viewers 9000 --duration "$DURATION" --warmup 5s --keepalive 5s
 if want 5; then
-	scenario 5a "" --viewers 1000 --stalled 100 --rate 100 --value-bytes 4096 --duration "$DURATION" --warmup "$WARMUP"
-	scenario 5b "" --viewers 1000 --stalled 0 --rate 100 --value-bytes 4096 --duration "$DURATION" --warmup "$WARMUP"
+	# 4 KiB frames: a 16 KiB read buffer spares the tool a read per frame.
+	scenario 5a "" --viewers 1000 --stalled 100 --rate 100 --value-bytes 4096 --read-buffer 16384 --duration "$DURATION" --warmup "$WARMUP"
+	scenario 5b "" --viewers 1000 --stalled 0 --rate 100 --value-bytes 4096 --read-buffer 16384 --duration "$DURATION" --warmup "$WARMUP"
 fi
 
 # --- recap -------------------------------------------------------------------
@@ -196,5 +200,5 @@ echo "################ recap ($OUT) ################"
 for f in "$OUT"/s*.txt; do
 	[ -e "$f" ] || continue
 	head -n1 "$f"
-	grep -E '^  (delivery|latency|relay cpu|relay rss|keepalive|stalled|keeps up) ' "$f" || true
+	grep -E '^  (delivery|latency|relay cpu|tool cpu|relay rss|keepalive|stalled|keeps up) ' "$f" || true
 done

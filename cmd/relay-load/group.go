@@ -78,6 +78,8 @@ type groupReport struct {
 	LastNs      int64           `json:"last_ns"`
 	Latency     histData        `json:"latency"`
 	MaxGapsNs   []int64         `json:"max_gaps_ns"`
+	DropNs      []int64         `json:"drop_ns,omitempty"` // when each dropped reader's stream ended
+	ToolCPUSecs float64         `json:"tool_cpu_secs"`     // this process's CPU over the window
 	Stalled     []stalledResult `json:"stalled,omitempty"`
 }
 
@@ -101,6 +103,7 @@ type localGroup struct {
 	allPrimed uint64
 
 	winFrom, winTo atomic.Int64
+	cpu            cpuWindow
 	finishing      chan struct{} // closed when the run ends: stalled viewers drain
 	closing        atomic.Bool   // set before the tool closes connections
 	wg             sync.WaitGroup
@@ -199,6 +202,7 @@ func (g *localGroup) status(expect []int64) (*groupStatus, error) {
 func (g *localGroup) window(from, to int64) error {
 	g.winTo.Store(to)
 	g.winFrom.Store(from)
+	g.cpu.arm(from, to)
 	return nil
 }
 
@@ -210,6 +214,7 @@ func (g *localGroup) finish(expect []int64, deadline time.Time) (*groupReport, e
 		time.Sleep(20 * time.Millisecond)
 	}
 	endNs := time.Now().UnixNano()
+	toolCPU := g.cpu.secs()
 	if g.poller != nil {
 		g.poller.stop()
 	}
@@ -230,7 +235,7 @@ func (g *localGroup) finish(expect []int64, deadline time.Time) (*groupReport, e
 		g.cancel()
 	}
 
-	r := &groupReport{Latency: histData{}, DropReasons: map[string]int{}}
+	r := &groupReport{Latency: histData{}, DropReasons: map[string]int{}, ToolCPUSecs: toolCPU}
 	for _, h := range g.lat {
 		h.data(r.Latency)
 	}
@@ -260,6 +265,7 @@ func (g *localGroup) finish(expect []int64, deadline time.Time) (*groupReport, e
 		if v.ended.Load() {
 			r.Dropped++
 			r.DropReasons[v.endReason]++
+			r.DropNs = append(r.DropNs, v.endNs)
 		} else {
 			// The silence at the end counts too: a stream that stopped
 			// sending keepalives must not look punctual.
@@ -357,6 +363,8 @@ func mergeReports(a, b *groupReport) {
 	}
 	a.Latency.merge(b.Latency)
 	a.MaxGapsNs = append(a.MaxGapsNs, b.MaxGapsNs...)
+	a.DropNs = append(a.DropNs, b.DropNs...)
+	a.ToolCPUSecs += b.ToolCPUSecs
 	a.Stalled = append(a.Stalled, b.Stalled...)
 	sort.Slice(a.Stalled, func(i, j int) bool { return a.Stalled[i].Index < a.Stalled[j].Index })
 }

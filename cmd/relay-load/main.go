@@ -82,6 +82,7 @@ type config struct {
 	JSON               bool          `json:"-"`
 	JSONOut            string        `json:"-"`
 	Label              string        `json:"label"`
+	DeleteTopic        bool          `json:"delete_topic"`
 	KFake              bool          `json:"-"`
 	KFakePort          int           `json:"-"`
 	KFakeFor           time.Duration `json:"-"`
@@ -147,6 +148,7 @@ func parseFlags(args []string, out io.Writer) (*config, error) {
 	fs.BoolVar(&c.JSON, "json", false, "print the report as JSON instead of the table")
 	fs.StringVar(&c.JSONOut, "json-out", "", "also write the JSON report to this file")
 	fs.StringVar(&c.Label, "label", "", "name of the run, printed in the report")
+	fs.BoolVar(&c.DeleteTopic, "delete-topic", false, "delete the topic at the end, so that the next relay started does not read it back into its replay window")
 	fs.BoolVar(&c.KFake, "kfake", false, "serve an in-process Kafka (kfake) instead of running load; prints its address")
 	fs.IntVar(&c.KFakePort, "kfake-port", 0, "port of --kfake on 127.0.0.1 (0: any)")
 	fs.DurationVar(&c.KFakeFor, "kfake-for", 2*time.Hour, "--kfake exits after this long at the latest")
@@ -297,6 +299,13 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 			return nil, err
 		}
 		defer prod.close()
+		if cfg.DeleteTopic {
+			defer func() {
+				if err := prod.deleteTopic(); err != nil {
+					say("delete topic: %v", err)
+				}
+			}()
+		}
 		if parts, err = prod.ensureTopic(ctx, cfg.Partitions); err != nil {
 			return nil, err
 		}
@@ -422,7 +431,12 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 			cpuMu.Unlock()
 		}
 	}
+	// With workers, the parent's own CPU (the producer) counts as the tool's too.
+	var parentCPU cpuWindow
 	setWindow := func(from, to int64) {
+		if nproc > 1 {
+			parentCPU.arm(from, to)
+		}
 		_ = each(groups, func(_ int, g group) error { return g.window(from, to) })
 	}
 	var expect []int64
@@ -490,6 +504,10 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 	if cfg.mode() == "burst" {
 		readCPU(&cpu1) // at most one 20 ms poll after the last frame
 	}
+	parentSecs := 0.0
+	if nproc > 1 {
+		parentSecs = parentCPU.secs()
+	}
 	rs := make([]*groupReport, len(groups))
 	if err := each(groups, func(i int, g group) error {
 		r, err := g.finish(expect, deadline)
@@ -503,6 +521,7 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 		mergeReports(all, r)
 	}
 	all.Connect = total.Connect
+	all.ToolCPUSecs += parentSecs
 	var samples []sample
 	if sm != nil {
 		samples = sm.stop()

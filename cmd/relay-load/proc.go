@@ -5,10 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -56,6 +59,47 @@ func relayRSS(pid int) (int64, error) {
 		}
 	}
 	return 0, errors.New("no VmRSS in /proc/pid/status")
+}
+
+// selfCPU is this process's user+system CPU time so far.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// cpuWindow measures this process's CPU between two instants: the tool
+// shares the machine with the relay, so its own use is part of the report.
+type cpuWindow struct {
+	from, to atomic.Int64 // CPU ns at the window's edges; 0: not yet
+	timers   []*time.Timer
+}
+
+// arm takes the readings at from and to (unix ns); to = MaxInt64 leaves the
+// end to secs.
+func (c *cpuWindow) arm(from, to int64) {
+	c.timers = append(c.timers, time.AfterFunc(time.Until(time.Unix(0, from)), func() { c.from.Store(int64(selfCPU())) }))
+	if to != math.MaxInt64 {
+		c.timers = append(c.timers, time.AfterFunc(time.Until(time.Unix(0, to)), func() { c.to.Store(int64(selfCPU())) }))
+	}
+}
+
+// secs returns the CPU seconds used in the window so far (to now if the
+// window's end has not come).
+func (c *cpuWindow) secs() float64 {
+	for _, t := range c.timers {
+		t.Stop()
+	}
+	from, to := c.from.Load(), c.to.Load()
+	if from == 0 {
+		return 0
+	}
+	if to == 0 {
+		to = int64(selfCPU())
+	}
+	return float64(to-from) / 1e9
 }
 
 // sample is one reading of the relay's resources.

@@ -236,6 +236,16 @@ func (p *producer) expect() []int64 { return append([]int64(nil), p.seq...) }
 
 func (p *producer) close() { p.cl.Close() }
 
+func (p *producer) deleteTopic() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := kadm.NewClient(p.cl).DeleteTopic(ctx, p.topic)
+	if err == nil {
+		err = resp.Err
+	}
+	return err
+}
+
 // runKFake serves an in-process Kafka (franz-go's kfake) on 127.0.0.1 until
 // ctx ends or the time limit passes, with the topic seeded. It prints the
 // address on its first line of stdout.

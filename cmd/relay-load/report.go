@@ -47,6 +47,7 @@ type report struct {
 		Complete        int            `json:"complete_viewers"`
 		Dropped         int            `json:"dropped_viewers"`
 		DropReasons     map[string]int `json:"drop_reasons,omitempty"`
+		DroppedAfter    summary        `json:"dropped_after_secs"` // from the first produced event
 		Gaps            int64          `json:"gaps"`
 		Dups            int64          `json:"dups"`
 		ViewersWithGaps int            `json:"viewers_with_gaps"`
@@ -75,6 +76,10 @@ type report struct {
 		CPUMeasuredOverSecs  float64  `json:"cpu_measured_over_secs"`
 		CPUUtilisationPerCPU float64  `json:"cpu_cores_busy"`
 	} `json:"relay"`
+
+	// The tool's own CPU over the same interval (every process of it): on a
+	// shared machine it is what the relay did not get.
+	ToolCPUSecs float64 `json:"tool_cpu_secs"`
 
 	Keepalive struct {
 		ConfiguredSecs float64 `json:"configured_secs"`
@@ -193,6 +198,17 @@ func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, 
 	d.Live, d.Complete, d.Dropped, d.DropReasons = all.Live, all.Complete, all.Dropped, all.DropReasons
 	d.Gaps, d.Dups, d.ViewersWithGaps, d.ViewersWithDups = all.Gaps, all.Dups, all.ViewersGaps, all.ViewersDups
 	d.Foreign, d.ErrorEvents = all.Foreign, all.ErrorEvents
+	if len(all.DropNs) > 0 {
+		ref := r.Produce.Pace.FirstNs
+		var at []float64
+		for _, ns := range all.DropNs {
+			if ref > 0 {
+				at = append(at, float64(ns-ref)/1e9)
+			}
+		}
+		d.DroppedAfter = summarize(at)
+	}
+	r.ToolCPUSecs = all.ToolCPUSecs
 	frames := all.FramesWin
 	switch r.Mode {
 	case "rate", "idle":
@@ -396,6 +412,9 @@ func printTable(r *report, w io.Writer) {
 		}
 		p("", "viewers reading: %d, complete %d, disconnected %d%s; gaps %d (%d viewers), duplicates %d (%d viewers)",
 			d.Live, d.Complete, d.Dropped, mapOrNone(d.DropReasons), d.Gaps, d.ViewersWithGaps, d.Dups, d.ViewersWithDups)
+		if d.DroppedAfter.N > 0 {
+			p("", "the disconnected ones ended %s s after the first produced event", span(d.DroppedAfter))
+		}
 		l := r.Latency
 		p("latency", "produce→viewer p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms, max %.2f ms (%d samples)",
 			l.P50Ms, l.P99Ms, l.P999Ms, l.MaxMs, l.Count)
@@ -409,6 +428,10 @@ func printTable(r *report, w io.Writer) {
 				rl.CPUSecs, rl.CPUMeasuredOverSecs, rl.CPUUtilisationPerCPU, rl.CPUSecsPerMillion)
 		} else {
 			p("relay cpu", "%.2f CPU-s over %.1fs (%.3f cores)", rl.CPUSecs, rl.CPUMeasuredOverSecs, rl.CPUUtilisationPerCPU)
+		}
+		if r.ToolCPUSecs > 0 && rl.CPUMeasuredOverSecs > 0 {
+			p("tool cpu", "%.2f CPU-s over the same interval (%.2f cores), every process of the tool",
+				r.ToolCPUSecs, r.ToolCPUSecs/rl.CPUMeasuredOverSecs)
 		}
 		p("relay rss", "%s before viewers, %s after connecting: %.1f KiB per viewer; max %s",
 			mib(rl.RSSBefore), mib(rl.RSSAfterConnect), rl.RSSPerViewer/1024, mib(rl.RSSMax))
