@@ -144,14 +144,14 @@ scenario() {
 	done
 	[ -n "$ok" ] || { tail -n 20 "$OUT/relay-$name.log" >&2; die "relay not ready"; }
 
-	local cmd=("$BIN/relay-load" --url "$RELAY_URL" --jwt-secret "$SECRET" --user "$USER_ID"
+	local cmd=("$BIN/relay-load" --url "$RELAY_URL" --user "$USER_ID"
 		--brokers "$BROKERS" --topic "$topic" --relay-pid "$RELAY_PID" --label "scenario $name"
 		--json-out "$OUT/s$name.json" --delete-topic "$@")
 	# shellcheck disable=SC2206
 	[ -n "$EXTRA" ] && cmd+=($EXTRA)
 
 	echo "relay:     env $(printf '%s ' "${env[@]}" | sed "s/$SECRET/\$SECRET/g; s#$DB_URL#\$DB_URL#g")$BIN/relay"
-	echo "command:   $(printf '%q ' "${cmd[@]}" | sed "s/$SECRET/\$SECRET/g")"
+	echo "command:   RELAY_JWT_SECRET=\$SECRET $(printf '%q ' "${cmd[@]}")"
 
 	local perf_pid=""
 	if [ "$PERF" = 1 ] && { [ "$name" = 2 ] || [[ "$name" == 3* ]]; } && command -v perf >/dev/null; then
@@ -159,7 +159,7 @@ scenario() {
 		perf_pid=$!
 	fi
 	local rc=0
-	"${cmd[@]}" >"$OUT/s$name.txt" 2>"$OUT/s$name.progress" || rc=$?
+	RELAY_JWT_SECRET="$SECRET" "${cmd[@]}" >"$OUT/s$name.txt" 2>"$OUT/s$name.progress" || rc=$?
 	if [ -n "$perf_pid" ]; then
 		kill -INT "$perf_pid" 2>/dev/null || true
 		wait "$perf_pid" 2>/dev/null || true
