@@ -40,6 +40,8 @@ type Broker interface {
 	// SubscribeFrom subscribes a viewer; with a position, it also says what
 	// to replay from the window, or that the viewer needs a snapshot.
 	SubscribeFrom(from fanout.Position, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resume, error)
+	// Position is the stream position after the newest event.
+	Position() fanout.Position
 }
 
 // Config is the API's part of the relay's settings.
@@ -76,7 +78,7 @@ type Server struct {
 	log    *slog.Logger
 	engine *gin.Engine
 	limits *limiter
-	snaps  *snapshotGroup
+	snaps  *snapshotCache
 	m      *metrics
 	retry  []byte // the retry: frame
 
@@ -109,7 +111,7 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience),
 		log:    cfg.Logger.With("component", "api"),
 		limits: newLimiter(cfg.MaxPerUser, cfg.MaxConnections),
-		snaps:  &snapshotGroup{timeout: cfg.DBTimeout},
+		snaps:  &snapshotCache{timeout: cfg.DBTimeout, position: broker.Position},
 		m:      m,
 		retry:  []byte("retry: " + strconv.FormatInt(cfg.Retry.Milliseconds(), 10) + "\n\n"),
 	}

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -588,7 +589,7 @@ func TestRefusedWith503(t *testing.T) {
 		{name: "snapshot not JSON", store: func(s *fakeStore) { s.snapshot = `[{"uuid":` }, body: bodyDBDown},
 		{name: "user lookup hangs", store: func(s *fakeStore) { s.blocks = map[string]bool{"User": true} }, body: bodyDBDown, blocked: true},
 		{name: "revocation lookup hangs", store: func(s *fakeStore) { s.blocks = map[string]bool{"Revoked": true} }, body: bodyDBDown, blocked: true},
-		{name: "snapshot hangs", store: func(s *fakeStore) { s.blocks = map[string]bool{"Snapshot": true} }, body: bodyDBDown, blocked: true, slack: snapshotSpacing},
+		{name: "snapshot hangs", store: func(s *fakeStore) { s.blocks = map[string]bool{"Snapshot": true} }, body: bodyDBDown, blocked: true},
 		{name: "draining", before: func(t *testing.T, h *harness) { h.srv.Drain() }, body: bodyShutdown},
 		{name: "broker closed", before: func(t *testing.T, h *harness) { _ = h.broker.Close() }, body: bodyShutdown},
 	}
@@ -627,7 +628,7 @@ func TestRefusedWith503(t *testing.T) {
 }
 
 // TestAuthCache guards the lookup cache: within the TTL a reconnect costs no
-// query; without a TTL every connect queries.
+// query; without a TTL every connect queries. The snapshot is shared apart.
 func TestAuthCache(t *testing.T) {
 	tests := []struct {
 		name      string
@@ -653,8 +654,8 @@ func TestAuthCache(t *testing.T) {
 			if got := store.revokedCalls.Load(); got != tt.wantCalls {
 				t.Errorf("%d Revoked lookups, want %d", got, tt.wantCalls)
 			}
-			if got := store.snapshotCalls.Load(); got != 2 {
-				t.Errorf("%d snapshots, want 2 (never cached)", got)
+			if got := store.snapshotCalls.Load(); got != 1 {
+				t.Errorf("%d snapshots, want 1 (shared within snapshotMaxAge, whatever the auth TTL)", got)
 			}
 		})
 	}
@@ -757,28 +758,38 @@ func TestSharedLookupOutlivesItsViewer(t *testing.T) {
 	}
 }
 
-// TestBackToBackViewersShortDBTimeout guards that the wait for a shared
-// snapshot query to start is not charged to the database timeout: with a
-// DBTimeout shorter than the spacing of snapshot queries, viewers arriving
-// one after another all get their stream from a healthy database.
-func TestBackToBackViewersShortDBTimeout(t *testing.T) {
-	tests := []struct {
-		name      string
-		dbTimeout time.Duration
-	}{
-		{"DBTimeout a third of the spacing", snapshotSpacing / 3},
-		{"DBTimeout half the spacing", snapshotSpacing / 2},
+// TestSnapshotShared guards that viewers arriving one after another within
+// snapshotMaxAge share one snapshot query and wait for nobody, and that an
+// event published after that query began still reaches a later viewer,
+// replayed from the window: sharing a snapshot loses nothing.
+func TestSnapshotShared(t *testing.T) {
+	store := newFakeStore()
+	h := newHarness(t, store, nil)
+	checkStream(t, h.get(t, "", hs256(t, claimsFor("u-viewer", nil))))
+	ev := fanout.Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(`{"identity_uuid":"late"}`)}
+	if err := h.broker.Publish(ev); err != nil {
+		t.Fatal(err)
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			store := newFakeStore()
-			h := newHarness(t, store, func(c *Config) { c.DBTimeout = tt.dbTimeout })
-			for _, user := range []string{"u-viewer", "u-viewer2", "u-admin"} {
-				checkStream(t, h.get(t, "", hs256(t, claimsFor(user, nil))))
-			}
-			if got := store.snapshotCalls.Load(); got < 2 {
-				t.Errorf("%d snapshot queries, want the later viewers to wait for a later one", got)
-			}
-		})
+	resp := h.get(t, "", hs256(t, claimsFor("u-viewer2", nil)))
+	checkStream(t, resp)
+	br := bufio.NewReader(resp.Body)
+	var frame strings.Builder
+	for !strings.HasSuffix(frame.String(), "\n\n") {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("read replayed frame: %v (got %q)", err, frame.String())
+		}
+		frame.WriteString(line)
+	}
+	if !strings.Contains(frame.String(), `"payload":{"identity_uuid":"late"}`) {
+		t.Fatalf("frame after the snapshot %q, want the event published after the shared query", frame.String())
+	}
+	if got := store.snapshotCalls.Load(); got != 1 {
+		t.Errorf("%d snapshot queries for two viewers within %v, want 1", got, snapshotMaxAge)
+	}
+	time.Sleep(snapshotMaxAge)
+	checkStream(t, h.get(t, "", hs256(t, claimsFor("u-admin", nil))))
+	if got := store.snapshotCalls.Load(); got != 2 {
+		t.Errorf("%d snapshot queries after the shared one aged, want 2", got)
 	}
 }

@@ -1,9 +1,7 @@
 package api
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"time"
@@ -104,27 +102,37 @@ func (s *Server) events(c *gin.Context) {
 	}
 
 	rc := http.NewResponseController(c.Writer)
-	sub, resume, err := s.broker.SubscribeFrom(from, func(r fanout.Reason) {
+	onEnd := func(r fanout.Reason) {
 		if r == fanout.ReasonSlow {
 			// Unblock a write stuck on this viewer now, not at its deadline.
 			_ = rc.SetWriteDeadline(time.Now())
 		}
-	})
-	if err != nil {
-		s.fail(c, http.StatusServiceUnavailable, bodyShuttingDown)
-		return
 	}
-	defer sub.Close()
-
-	var snap []byte
-	if from == nil || resume.Gap {
-		if snap, err = s.snapshot(ctx); err != nil {
-			s.log.Warn("snapshot failed", "err", err)
-			s.fail(c, http.StatusServiceUnavailable, bodyDatabaseDown)
+	var (
+		sub    *fanout.Subscription
+		resume fanout.Resume
+		snap   []byte
+	)
+	if from != nil {
+		var err error
+		if sub, resume, err = s.broker.SubscribeFrom(from, onEnd); err != nil {
+			s.fail(c, http.StatusServiceUnavailable, bodyShuttingDown)
 			return
 		}
-		resume = fanout.Resume{}
+		if resume.Gap { // the window cannot bring this viewer up to date: start afresh
+			sub.Close()
+			sub = nil
+		}
 	}
+	if sub == nil {
+		var code int
+		var body []byte
+		if sub, resume, snap, code, body = s.subscribeWithSnapshot(ctx, onEnd); code != 0 {
+			s.fail(c, code, body)
+			return
+		}
+	}
+	defer sub.Close()
 	if from != nil {
 		via := "window"
 		if snap != nil {
@@ -147,29 +155,51 @@ func (s *Server) events(c *gin.Context) {
 	s.m.disconnects.WithLabelValues(reason).Inc()
 }
 
-// snapshot reads the newest identities as a snapshot frame. Concurrent
-// viewers share one query (snapshotGroup).
-func (s *Server) snapshot(ctx context.Context) ([]byte, error) {
-	// The query has DBTimeout of its own (snapshotGroup); the viewer may first
-	// wait up to snapshotSpacing for it to start, which must not count
-	// against the database's time, or a viewer arriving just after another's
-	// query would get a 503 from a healthy database.
-	ctx, cancel := context.WithTimeout(ctx, snapshotSpacing+s.cfg.DBTimeout)
+// subscribeWithSnapshot gives a new viewer a snapshot (shared, at most
+// snapshotMaxAge old) and subscribes it from the position the snapshot was
+// read at, so the window replays what was published since. It returns a
+// status and body instead when the viewer cannot be served.
+func (s *Server) subscribeWithSnapshot(ctx context.Context, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resume, []byte, int, []byte) {
+	var (
+		snap   *snapshot
+		sub    *fanout.Subscription
+		resume fanout.Resume
+		err    error
+	)
+	// A shared snapshot may predate what the window holds (the start-up
+	// backfill, a huge burst): then read a fresh one, once.
+	for _, fresh := range []bool{false, true} {
+		if sub != nil {
+			sub.Close()
+		}
+		if snap, err = s.snapshot(ctx, fresh); err != nil {
+			s.log.Warn("snapshot failed", "err", err)
+			return nil, fanout.Resume{}, nil, http.StatusServiceUnavailable, bodyDatabaseDown
+		}
+		if sub, resume, err = s.broker.SubscribeFrom(snap.pos, onEnd); err != nil {
+			return nil, fanout.Resume{}, nil, http.StatusServiceUnavailable, bodyShuttingDown
+		}
+		if !resume.Gap {
+			return sub, resume, snap.frame, 0, nil
+		}
+	}
+	// The window moved past a snapshot read a moment ago: only an extreme
+	// burst does that. Serve that snapshot and the live stream.
+	s.log.Warn("replay window overtook a fresh snapshot; events in between may be missing")
+	return sub, fanout.Resume{}, snap.frame, 0, nil
+}
+
+// snapshot returns a shared snapshot; see snapshotCache.
+func (s *Server) snapshot(ctx context.Context, fresh bool) (*snapshot, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.DBTimeout)
 	defer cancel()
 	start := time.Now()
-	rows, err := s.snaps.get(ctx)
+	snap, err := s.snaps.get(ctx, fresh)
 	s.m.snapshot.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
-	var b bytes.Buffer
-	b.WriteString("event: snapshot\ndata: {\"identities\":")
-	// Compact guarantees one data line whatever the store returned.
-	if err := json.Compact(&b, rows); err != nil {
-		return nil, fmt.Errorf("snapshot: %w", err)
-	}
-	b.WriteString("}\n\n")
-	return b.Bytes(), nil
+	return snap, nil
 }
 
 // stream writes the stream until it ends and returns why: the opening

@@ -192,6 +192,17 @@ func (b *Broadcaster) subscribeLocked(onEnd func(Reason)) (*Subscription, error)
 	return s, nil
 }
 
+// Position returns the stream position after the newest published event.
+func (b *Broadcaster) Position() Position {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	p := make(Position, len(b.pos))
+	for k, v := range b.pos {
+		p[k] = v
+	}
+	return p
+}
+
 // Resume is what a viewer resuming from a position needs besides live frames.
 type Resume struct {
 	// Replay holds the window's frames after the position, in publish order.
