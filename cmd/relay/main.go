@@ -136,6 +136,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		stopConsumer()
 		<-consDone
 		return fmt.Errorf("http server: %w", err)
+	case err := <-consDone:
+		stopConsumer()
+		_ = httpSrv.Close()
+		return fmt.Errorf("kafka consumer stopped: %w", err)
 	}
 
 	// Shutdown: no new viewers, end every stream between frames, close the consumer.
@@ -144,6 +148,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer cancel()
 	srv.Drain()
 	_ = hub.Close()
+	if err := srv.Wait(shutCtx); err != nil {
+		log.Warn("streams still open at the shutdown timeout; closed them", "err", err)
+	}
 	if err := httpSrv.Shutdown(shutCtx); err != nil {
 		log.Warn("streams still open at the shutdown timeout; closing them", "err", err)
 		_ = httpSrv.Close()

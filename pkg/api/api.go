@@ -83,6 +83,7 @@ type Server struct {
 	retry  []byte // the retry: frame
 
 	draining atomic.Bool
+	streams  streamSet
 }
 
 // New builds the server. cfg must be validated by the caller (see internal/config).
@@ -133,9 +134,12 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 func (s *Server) Handler() *gin.Engine { return s.engine }
 
 // Drain turns readiness false and refuses new viewers with 503. Open streams
-// end when the broker is closed; http.Server.Shutdown then sees their
-// connections go idle.
+// end when the broker is closed; Wait waits for them.
 func (s *Server) Drain() { s.draining.Store(true) }
+
+// Wait refuses new streams and returns once every open stream has ended, or
+// closes those still open when ctx ends. Call it after closing the broker.
+func (s *Server) Wait(ctx context.Context) error { return s.streams.wait(ctx) }
 
 // Errors and their bodies, fixed by CONTRACT.md.
 var (

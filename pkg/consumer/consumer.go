@@ -48,16 +48,18 @@ type Config struct {
 // Consumer is the process's one Kafka client.
 type Consumer struct {
 	cfg     Config
-	cl      *kgo.Client
+	cl      *kgo.Client // built by Run, which owns it
 	sink    Sink
 	log     *slog.Logger
 	start   time.Time
 	running atomic.Bool
+	filled  atomic.Bool // the start-up backfill has reached the end of every partition
 
-	filled    atomic.Bool // the start-up backfill has reached the end of every partition
-	fillMu    sync.Mutex
-	fillUntil map[topicPartition]int64 // last offset to read per partition; nil until known
-	fillSeen  map[topicPartition]int64 // last offset read per partition while filling
+	// startEnds holds, per partition that existed at start-up, its end
+	// offset then: records below it are backfill. Run's goroutine only.
+	startEnds map[topicPartition]int64
+	// fillUntil holds the partitions whose backfill is not read yet. Run's goroutine only.
+	fillUntil map[topicPartition]int64
 
 	consumed *prometheus.CounterVec
 	skipped  *prometheus.CounterVec
@@ -74,10 +76,7 @@ type topicPartition struct {
 	partition int32
 }
 
-// New validates cfg and builds the client; it does not contact Kafka yet.
-// Every partition is read from cfg.Backfill records before its end; records
-// older than the process go to the replay window only (fanout.Event.Backfill),
-// so a new topic's records, all newer, are delivered from its first one.
+// New validates cfg and registers the metrics; it does not contact Kafka.
 func New(cfg Config, sink Sink) (*Consumer, error) {
 	if len(cfg.Brokers) == 0 {
 		return nil, errors.New("consumer: no brokers")
@@ -98,7 +97,6 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 		cfg:       cfg,
 		sink:      sink,
 		start:     time.Now(),
-		fillSeen:  map[topicPartition]int64{},
 		log:       cfg.Logger.With("component", "consumer"),
 		lastError: map[string]time.Time{},
 		recheck:   map[string]time.Time{},
@@ -117,59 +115,80 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 			return nil, fmt.Errorf("consumer: metrics: %w", err)
 		}
 	}
-	opts := []kgo.Opt{
-		kgo.SeedBrokers(cfg.Brokers...),
-		kgo.ConsumeTopics(cfg.TopicsRegex),
-		kgo.ConsumeRegex(),
-		kgo.ConsumeStartOffset(kgo.NewOffset().AtEnd().Relative(-int64(cfg.Backfill))),
-		// A partition whose offset vanished (topic re-created, retention) restarts
-		// at its earliest record rather than skipping what is there.
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
-		kgo.MetadataMaxAge(cfg.MetadataMaxAge),
-		kgo.MetadataMinAge(time.Second),
-		kgo.FetchMaxWait(500 * time.Millisecond),
-		kgo.ClientID("identity-relay"),
-	}
-	cl, err := kgo.NewClient(append(opts, cfg.ExtraOpts...)...)
-	if err != nil {
-		return nil, fmt.Errorf("consumer: %w", err)
-	}
-	c.cl = cl
 	return c, nil
 }
 
 // Ready reports whether Run is reading and the start-up backfill is done
-// (readiness uses it). Kafka being unreachable at start-up counts as done
-// once the backfill gives up: viewers are still served snapshots and
-// keepalives, and events flow when Kafka returns.
+// (readiness uses it). Kafka unreachable at start-up means no backfill:
+// viewers are still served snapshots and keepalives, and events flow when
+// Kafka returns.
 func (c *Consumer) Ready() bool { return c.running.Load() && c.filled.Load() }
 
-// backfillTimeout bounds the wait for Kafka's end offsets at start-up.
-const backfillTimeout = 10 * time.Second
+const (
+	// backfillTimeout bounds the wait for Kafka's end offsets at start-up.
+	backfillTimeout = 10 * time.Second
+	// maxBackfill bounds how long readiness waits for the backfill.
+	maxBackfill = 60 * time.Second
+)
 
-// watchBackfill learns the end offset of every matching partition and marks
-// the backfill done once each was read up to it.
-func (c *Consumer) watchBackfill(ctx context.Context) {
-	until, err := c.endOffsets(ctx)
-	if err != nil {
-		c.log.Warn("start-up backfill skipped: end offsets unknown", "err", err)
-		until = map[topicPartition]int64{}
+func (c *Consumer) clientOpts(start kgo.Offset) []kgo.Opt {
+	opts := []kgo.Opt{
+		kgo.SeedBrokers(c.cfg.Brokers...),
+		kgo.ConsumeTopics(c.cfg.TopicsRegex),
+		kgo.ConsumeRegex(),
+		kgo.ConsumeStartOffset(start),
+		// A partition whose offset vanished (retention) restarts at its
+		// earliest record rather than skipping what is there.
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		kgo.MetadataMaxAge(c.cfg.MetadataMaxAge),
+		kgo.MetadataMinAge(time.Second),
+		kgo.FetchMaxWait(500 * time.Millisecond),
+		kgo.ClientID("identity-relay"),
 	}
-	c.fillMu.Lock()
-	defer c.fillMu.Unlock()
-	for tp, seen := range c.fillSeen {
-		if seen >= until[tp] {
-			delete(until, tp)
-		}
-	}
-	c.fillUntil = until
-	c.checkFilledLocked()
+	return append(opts, c.cfg.ExtraOpts...)
 }
 
-func (c *Consumer) endOffsets(ctx context.Context) (map[topicPartition]int64, error) {
+// connect learns the end offset of every matching partition and builds the
+// consuming client. With the end offsets known, every partition is read from
+// cfg.Backfill records before its end, and what lies below the end is
+// backfill: kept in the replay window, not broadcast. Partitions of topics
+// created later are not backfill: they are read from their first record.
+// Without them (Kafka unreachable), partitions are read from their first
+// record after start-up and nothing is backfill.
+func (c *Consumer) connect(ctx context.Context) error {
+	ends, err := c.endOffsets(ctx)
+	start := kgo.NewOffset().AtEnd().Relative(-int64(c.cfg.Backfill))
+	if err != nil {
+		c.log.Warn("start-up backfill skipped: end offsets unknown", "err", err)
+		start = kgo.NewOffset().AfterMilli(c.start.UnixMilli())
+	}
+	c.startEnds, c.fillUntil = map[topicPartition]int64{}, map[topicPartition]int64{}
+	for tp, o := range ends {
+		c.startEnds[tp] = o.end
+		if o.end > o.start && c.cfg.Backfill > 0 {
+			c.fillUntil[tp] = o.end - 1
+		}
+	}
+	c.checkFilled()
+	cl, err := kgo.NewClient(c.clientOpts(start)...)
+	if err != nil {
+		return fmt.Errorf("consumer: %w", err)
+	}
+	c.cl = cl
+	return nil
+}
+
+type startEnd struct{ start, end int64 }
+
+func (c *Consumer) endOffsets(ctx context.Context) (map[topicPartition]startEnd, error) {
 	ctx, cancel := context.WithTimeout(ctx, backfillTimeout)
 	defer cancel()
-	adm := kadm.NewClient(c.cl)
+	cl, err := kgo.NewClient(kgo.SeedBrokers(c.cfg.Brokers...), kgo.ClientID("identity-relay"))
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
 	details, err := adm.ListTopics(ctx)
 	if err != nil {
 		return nil, err
@@ -181,9 +200,9 @@ func (c *Consumer) endOffsets(ctx context.Context) (map[topicPartition]int64, er
 			topics = append(topics, t)
 		}
 	}
-	until := map[topicPartition]int64{}
+	out := map[topicPartition]startEnd{}
 	if len(topics) == 0 {
-		return until, nil
+		return out, nil
 	}
 	starts, err := adm.ListStartOffsets(ctx, topics...)
 	if err != nil {
@@ -194,35 +213,16 @@ func (c *Consumer) endOffsets(ctx context.Context) (map[topicPartition]int64, er
 		return nil, err
 	}
 	ends.Each(func(o kadm.ListedOffset) {
-		if s, ok := starts.Lookup(o.Topic, o.Partition); o.Err == nil && ok && s.Err == nil && o.Offset > s.Offset {
-			until[topicPartition{o.Topic, o.Partition}] = o.Offset - 1
+		if s, ok := starts.Lookup(o.Topic, o.Partition); o.Err == nil && ok && s.Err == nil {
+			out[topicPartition{o.Topic, o.Partition}] = startEnd{s.Offset, o.Offset}
 		}
 	})
-	return until, nil
+	return out, nil
 }
 
-// noteFill records a read offset while the backfill runs.
-func (c *Consumer) noteFill(r *kgo.Record) {
-	if c.filled.Load() {
-		return
-	}
-	tp := topicPartition{r.Topic, r.Partition}
-	c.fillMu.Lock()
-	defer c.fillMu.Unlock()
-	if c.fillUntil == nil {
-		c.fillSeen[tp] = r.Offset
-		return
-	}
-	if last, ok := c.fillUntil[tp]; ok && r.Offset >= last {
-		delete(c.fillUntil, tp)
-		c.checkFilledLocked()
-	}
-}
-
-func (c *Consumer) checkFilledLocked() {
-	if len(c.fillUntil) == 0 && !c.filled.Load() {
-		c.filled.Store(true)
-		c.fillSeen = nil
+// checkFilled marks the backfill done once no partition has any left.
+func (c *Consumer) checkFilled() {
+	if len(c.fillUntil) == 0 && !c.filled.Swap(true) {
 		c.log.Info("start-up backfill done", "took", time.Since(c.start).Round(time.Millisecond).String())
 	}
 }
@@ -230,12 +230,20 @@ func (c *Consumer) checkFilledLocked() {
 // Run reads until ctx ends, then closes the client. Kafka being unreachable is
 // not an error: the client retries and resumes where it left off.
 func (c *Consumer) Run(ctx context.Context) error {
+	if err := c.connect(ctx); err != nil {
+		return err
+	}
 	c.running.Store(true)
 	defer c.running.Store(false)
 	defer c.cl.Close()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	wg.Go(func() { c.watchBackfill(ctx) })
+	// A partition whose last record is a transaction marker is never read up
+	// to its end: readiness must not wait for it forever.
+	giveUp := time.AfterFunc(maxBackfill, func() {
+		if !c.filled.Swap(true) {
+			c.log.Warn("start-up backfill incomplete; ready anyway", "after", maxBackfill.String())
+		}
+	})
+	defer giveUp.Stop()
 	for {
 		fetches := c.cl.PollFetches(ctx)
 		if ctx.Err() != nil || fetches.IsClientClosed() {
@@ -243,25 +251,32 @@ func (c *Consumer) Run(ctx context.Context) error {
 		}
 		fetches.EachError(c.logFetchError)
 		c.followRecreated(ctx, fetches)
-		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
-			for _, r := range p.Records {
-				c.handle(r)
-			}
-			if n := len(p.Records); n > 0 {
-				lag := p.HighWatermark - p.Records[n-1].Offset - 1
-				c.lag.WithLabelValues(p.Topic, strconv.Itoa(int(p.Partition))).Set(float64(max(lag, 0)))
+		fetches.EachTopic(func(t kgo.FetchTopic) {
+			for _, p := range t.Partitions {
+				for _, r := range p.Records {
+					c.handle(r, t.TopicID)
+				}
+				if n := len(p.Records); n > 0 {
+					lag := p.HighWatermark - p.Records[n-1].Offset - 1
+					c.lag.WithLabelValues(t.Topic, strconv.Itoa(int(p.Partition))).Set(float64(max(lag, 0)))
+				}
 			}
 		})
 	}
 }
 
-func (c *Consumer) handle(r *kgo.Record) {
+func (c *Consumer) handle(r *kgo.Record, topicID [16]byte) {
 	c.consumed.WithLabelValues(r.Topic).Inc()
-	c.noteFill(r)
+	tp := topicPartition{r.Topic, r.Partition}
+	if last, ok := c.fillUntil[tp]; ok && r.Offset >= last {
+		delete(c.fillUntil, tp)
+		c.checkFilled()
+	}
 	ev, err := Decode(r.Topic, r.Timestamp, r.Value, c.cfg.MaxRecordBytes)
 	if err == nil {
-		ev.Partition, ev.Offset = r.Partition, r.Offset
-		ev.Backfill = r.Timestamp.Before(c.start)
+		ev.TopicID, ev.Partition, ev.Offset = topicID, r.Partition, r.Offset
+		end, existed := c.startEnds[tp]
+		ev.Backfill = existed && r.Offset < end
 		err = c.sink.Publish(ev)
 		if errors.Is(err, fanout.ErrBadName) {
 			err = skip(SkipBadTopic, "%v", err)
@@ -318,6 +333,15 @@ func (c *Consumer) followRecreated(ctx context.Context, fetches kgo.Fetches) {
 	if len(purge) > 0 {
 		c.log.Warn("topics deleted and re-created; following the new ones from their start", "topics", purge)
 		c.cl.PurgeTopicsFromClient(purge...)
+		for _, t := range purge { // the new topic's records are all new: none is backfill
+			for tp := range c.startEnds {
+				if tp.topic == t {
+					delete(c.startEnds, tp)
+					delete(c.fillUntil, tp)
+				}
+			}
+		}
+		c.checkFilled()
 	}
 	if len(c.recheck) > 1000 {
 		clear(c.recheck)

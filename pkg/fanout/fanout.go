@@ -57,6 +57,7 @@ type Broadcaster struct {
 	closed bool
 	pos    Position // after the last published event
 	win    *window
+	topics map[string]uint32 // current topic hash (name and topic ID) per topic name
 
 	published, delivered, dropped atomic.Uint64
 }
@@ -106,7 +107,7 @@ func New(o Options) *Broadcaster {
 	if o.WindowBytes < 1 {
 		o.WindowBytes = 64 << 20
 	}
-	return &Broadcaster{buffer: o.Buffer, pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes)}
+	return &Broadcaster{buffer: o.Buffer, pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes), topics: map[string]uint32{}}
 }
 
 // Subscription is one viewer's bounded queue of frames.
@@ -236,14 +237,25 @@ func (b *Broadcaster) SubscribeFrom(from Position, onEnd func(Reason)) (*Subscri
 // in offset order. A backfill event (read at start-up, older than the
 // process) goes to the window only.
 func (b *Broadcaster) Publish(ev Event) error {
-	key := KeyOf(ev.Topic, ev.Partition)
+	key := KeyOf(ev.Topic, ev.TopicID, ev.Partition)
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if next, seen := b.pos[key]; seen && ev.Offset < next {
-		// Offsets went back: the topic was deleted and re-created. What the
-		// window holds of the old partition no longer describes the stream.
+	if old, ok := b.topics[ev.Topic]; ok && old != key.Topic {
+		// A new topic ID: the topic was deleted and re-created. Its old
+		// partitions leave the position, and the window, which mixes the two,
+		// is emptied; resumes from before this get a snapshot.
+		for k := range b.pos {
+			if k.Topic == old {
+				delete(b.pos, k)
+			}
+		}
+		b.win.reset()
+	} else if next, seen := b.pos[key]; seen && ev.Offset < next {
+		// Offsets went back under the same key (a cluster without topic IDs
+		// re-created the topic): the window no longer describes the stream.
 		b.win.reset()
 	}
+	b.topics[ev.Topic] = key.Topic
 	prev, had := b.pos[key]
 	b.pos[key] = ev.Offset + 1
 	f, err := Encode(ev, b.pos.Encode())

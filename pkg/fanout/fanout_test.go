@@ -45,7 +45,7 @@ func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
 	got := make([][][]byte, len(readers))
 	for i := range events {
 		ev := event(i)
-		f, err := Encode(ev, Position{KeyOf(ev.Topic, 0): int64(i) + 1}.Encode())
+		f, err := Encode(ev, Position{KeyOf(ev.Topic, [16]byte{}, 0): int64(i) + 1}.Encode())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -27,7 +27,8 @@ type Event struct {
 	// Payload is a JSON object; Encode compacts it.
 	Payload json.RawMessage
 
-	// Partition and Offset place the record in Kafka; they make the frame's id.
+	// TopicID, Partition and Offset place the record in Kafka; they make the frame's id.
+	TopicID   [16]byte
 	Partition int32
 	Offset    int64
 	// Backfill marks a record read at start-up to fill the replay window: it

@@ -8,19 +8,28 @@ import (
 	"slices"
 )
 
-// Key names one Kafka partition. The topic is kept as a 32-bit FNV-1a hash so
-// that ids stay small; every replica computes the same hash, so every replica
-// understands every id.
+// Key names one Kafka partition. The topic is kept as a 32-bit FNV-1a hash of
+// its name and its Kafka topic ID, so that ids stay small, every replica
+// computes the same key, and a topic deleted and re-created under the same
+// name (a new topic ID, offsets from 0 again) is a different stream.
 type Key struct {
 	Topic     uint32
 	Partition int32
 }
 
-// KeyOf returns the key of a topic's partition.
-func KeyOf(topic string, partition int32) Key {
+// KeyOf returns the key of a topic's partition. topicID is Kafka's topic ID
+// (zero where the cluster does not report one, before Kafka 3.1).
+func KeyOf(topic string, topicID [16]byte, partition int32) Key {
+	return Key{Topic: topicHash(topic, topicID), Partition: partition}
+}
+
+func topicHash(topic string, topicID [16]byte) uint32 {
 	h := fnv.New32a()
 	_, _ = h.Write([]byte(topic))
-	return Key{Topic: h.Sum32(), Partition: partition}
+	if topicID != ([16]byte{}) {
+		_, _ = h.Write(topicID[:])
+	}
+	return h.Sum32()
 }
 
 // Position is a point in the stream: for each partition, the offset of the

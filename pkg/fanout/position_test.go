@@ -23,7 +23,7 @@ func TestPositionRoundTripAndSize(t *testing.T) {
 			p := Position{}
 			for topic := range 5 {
 				for part := range int32(6) {
-					p[KeyOf(fmt.Sprintf("identity.topic%d", topic), part)] = c.offset + int64(part)
+					p[KeyOf(fmt.Sprintf("identity.topic%d", topic), [16]byte{}, part)] = c.offset + int64(part)
 				}
 			}
 			id := p.Encode()
@@ -62,7 +62,7 @@ func TestParsePositionRejectsGarbage(t *testing.T) {
 
 // A position with gaps in its partitions encodes the missing ones as 0 (nothing seen).
 func TestPositionSparsePartitions(t *testing.T) {
-	k := func(p int32) Key { return KeyOf("identity.formed", p) }
+	k := func(p int32) Key { return KeyOf("identity.formed", [16]byte{}, p) }
 	p := Position{k(0): 5, k(3): 9}
 	back, err := ParsePosition(p.Encode())
 	if err != nil {

@@ -19,7 +19,7 @@ func TestResumeFromWindow(t *testing.T) {
 	b := New(Options{Buffer: 16, WindowEvents: 10})
 	publishN(t, b, "identity.formed", 0, 0, 6) // offsets 0..5 on p0
 	publishN(t, b, "identity.formed", 1, 0, 6) // offsets 0..5 on p1; window keeps p0 4,5 and p1 0..5
-	p0, p1 := KeyOf("identity.formed", 0), KeyOf("identity.formed", 1)
+	p0, p1 := KeyOf("identity.formed", [16]byte{}, 0), KeyOf("identity.formed", [16]byte{}, 1)
 
 	cases := []struct {
 		name    string
@@ -81,11 +81,11 @@ func TestIDsAndBackfill(t *testing.T) {
 	}
 	mustPublish(t, b, Event{Topic: "identity.merged", Type: "merged", TS: "1", Payload: json.RawMessage(`{}`), Partition: 2, Offset: 3})
 	f := <-s.Frames()
-	want := Position{KeyOf("identity.formed", 0): 8, KeyOf("identity.merged", 2): 4}.Encode()
+	want := Position{KeyOf("identity.formed", [16]byte{}, 0): 8, KeyOf("identity.merged", [16]byte{}, 2): 4}.Encode()
 	if got := string(f.Bytes[:len("id: ")+len(want)+1]); got != "id: "+want+"\n" {
 		t.Fatalf("frame starts %q, want id %q", got, want)
 	}
-	_, r, err := b.SubscribeFrom(Position{KeyOf("identity.formed", 0): 7, KeyOf("identity.merged", 2): 3}, nil)
+	_, r, err := b.SubscribeFrom(Position{KeyOf("identity.formed", [16]byte{}, 0): 7, KeyOf("identity.merged", [16]byte{}, 2): 3}, nil)
 	if err != nil || r.Gap || len(r.Replay) != 2 {
 		t.Fatalf("resume over backfill: %+v %v", r, err)
 	}

@@ -1,0 +1,353 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/decnet/identity-relay/pkg/fanout"
+)
+
+// Once a viewer is admitted, its connection is taken over from net/http
+// (Hijack) and served by a goroutine of its own. That drops net/http's
+// per-connection buffers and the handler's grown stack (most of an idle
+// viewer's memory), and lets a batch of shared frames go out in one writev
+// without copying them: the frame bytes built once by fanout are what the
+// kernel reads. The response is HTTP/1.1 with chunked encoding, one chunk per
+// batch, as net/http would send it.
+
+var (
+	frameKeepalive = []byte(": keepalive\n\n")
+	frameError     = []byte("event: error\ndata: {\"message\":\"Stream interrupted\"}\n\n")
+	crlf           = []byte("\r\n")
+	lastChunk      = []byte("0\r\n\r\n")
+)
+
+// errDropped ends the writes to a viewer dropped as slow.
+var errDropped = errors.New("viewer dropped as slow")
+
+// maxBatch bounds how many frames one write carries.
+const maxBatch = 128
+
+// Disconnect reasons, the values of relay_viewer_disconnects_total{reason}.
+const (
+	reasonClientGone = "client_gone"
+	reasonSlow       = "slow"
+	reasonShutdown   = "shutdown"
+	reasonWriteError = "write_error"
+	reasonInternal   = "internal"
+)
+
+// viewer is one admitted stream. Its goroutine (run) is the only writer of conn.
+type viewer struct {
+	s       *Server
+	user    string
+	sub     *fanout.Subscription
+	conn    net.Conn
+	chunked bool
+	// skip holds, for a viewer that resumed ahead of this replica, the offset
+	// per partition below which live frames were already seen; nil once passed.
+	skip fanout.Position
+	// cut is conn once run starts; onEnd uses it from the publisher's goroutine.
+	cut          atomic.Pointer[net.Conn]
+	lastDeadline time.Time
+}
+
+// onEnd is called once by whoever ends the subscription: a viewer dropped as
+// slow has its blocked write cut now, not at its deadline.
+func (v *viewer) onEnd(r fanout.Reason) {
+	if r != fanout.ReasonSlow {
+		return
+	}
+	if c := v.cut.Load(); c != nil {
+		_ = (*c).SetWriteDeadline(time.Now())
+	}
+}
+
+// batch is one write: frames behind a chunk header. Pooled, so an idle
+// viewer holds none and a busy one allocates none.
+type batch struct {
+	bufs net.Buffers // bufs[0] is the chunk header
+	hdr  [20]byte
+	size int
+}
+
+var batchPool = sync.Pool{New: func() any { return &batch{bufs: make(net.Buffers, 1, maxBatch+4)} }}
+
+func getBatch() *batch { return batchPool.Get().(*batch) }
+
+func (b *batch) add(frame []byte) {
+	b.bufs = append(b.bufs, frame)
+	b.size += len(frame)
+}
+
+func (b *batch) release() {
+	clear(b.bufs)
+	b.bufs, b.size = b.bufs[:1], 0
+	batchPool.Put(b)
+}
+
+// write sends b as one chunk in one writev, under a write deadline.
+func (v *viewer) write(b *batch) error {
+	if b.size == 0 {
+		return nil
+	}
+	// Re-arming the deadline at most once a second keeps it off the per-batch path.
+	if now := time.Now(); now.Sub(v.lastDeadline) > time.Second {
+		v.lastDeadline = now
+		if err := v.conn.SetWriteDeadline(now.Add(v.s.cfg.WriteTimeout)); err != nil {
+			return err
+		}
+		if v.sub.Reason() == fanout.ReasonSlow {
+			return errDropped // dropped while re-arming: onEnd's cut may have been overwritten
+		}
+	}
+	bufs := b.bufs
+	if v.chunked {
+		bufs[0] = append(strconv.AppendInt(b.hdr[:0], int64(b.size), 16), '\r', '\n')
+		bufs = append(bufs, crlf)
+		b.bufs = bufs // keep the grown slice for the pool
+	} else {
+		bufs = bufs[1:]
+	}
+	_, err := bufs.WriteTo(v.conn)
+	return err
+}
+
+// writeFrames sends frames in batches of maxBatch.
+func (v *viewer) writeFrames(frames ...[]byte) error {
+	b := getBatch()
+	defer b.release()
+	for _, f := range frames {
+		b.add(f)
+		if len(b.bufs) > maxBatch {
+			if err := v.write(b); err != nil {
+				return err
+			}
+			clear(b.bufs)
+			b.bufs, b.size = b.bufs[:1], 0
+		}
+	}
+	return v.write(b)
+}
+
+// live adds a live frame to b unless the viewer saw it on another replica.
+func (v *viewer) live(b *batch, f *fanout.Frame) {
+	if v.skip != nil {
+		if next, ok := v.skip[f.Key]; ok {
+			if f.Offset >= next-1 { // the last seen one or beyond: stop checking
+				delete(v.skip, f.Key)
+				if len(v.skip) == 0 {
+					v.skip = nil
+				}
+			}
+			if f.Offset < next {
+				return
+			}
+		}
+	}
+	b.add(f.Bytes)
+}
+
+// queued writes first (if not nil) and up to limit frames already waiting
+// in the channel, in one write.
+func (v *viewer) queued(first *fanout.Frame, limit int) error {
+	b := getBatch()
+	defer b.release()
+	if first != nil {
+		v.live(b, first)
+	}
+	frames := v.sub.Frames()
+more:
+	for range limit {
+		select {
+		case f := <-frames:
+			v.live(b, f)
+		default:
+			break more
+		}
+	}
+	return v.write(b)
+}
+
+// responseHead is what net/http would have written for the stream.
+func (v *viewer) responseHead() []byte {
+	h := "HTTP/1.1 200 OK\r\nCache-Control: no-cache\r\nConnection: close\r\n" +
+		"Content-Type: text/event-stream\r\nDate: " + time.Now().UTC().Format(http.TimeFormat) + "\r\n"
+	if v.chunked {
+		h += "Transfer-Encoding: chunked\r\n"
+	}
+	return []byte(h + "X-Accel-Buffering: no\r\n\r\n")
+}
+
+// run streams until the viewer goes, is dropped or the relay shuts down: the
+// opening keepalive and retry hint, the snapshot or the replayed frames, then
+// live frames and keepalives. It only ever ends between frames.
+func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
+	s := v.s
+	v.cut.Store(&v.conn)
+	reason := reasonWriteError
+	start := time.Now()
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("stream failed", "panic", r)
+			if v.writeFrames(frameError) == nil && v.chunked {
+				_, _ = v.conn.Write(lastChunk)
+			}
+			reason = reasonInternal
+		}
+		v.sub.Close()
+		_ = v.conn.Close()
+		s.limits.release(v.user)
+		s.m.connected.Dec()
+		s.m.disconnects.WithLabelValues(reason).Inc()
+		s.streams.done(v.conn)
+		s.log.Info("stream ended", "reason", reason, "duration", time.Since(start).Round(time.Millisecond).String())
+	}()
+
+	gone := make(chan struct{})
+	go watchClose(v.conn, gone)
+
+	if _, err := v.conn.Write(v.responseHead()); err != nil {
+		return
+	}
+	opening := make([][]byte, 0, 3+len(replay))
+	opening = append(opening, frameKeepalive, s.retry)
+	if snapshot != nil {
+		opening = append(opening, snapshot)
+	}
+	for _, f := range replay {
+		opening = append(opening, f.Bytes)
+	}
+	if err := v.writeFrames(opening...); err != nil {
+		reason = v.writeFailed()
+		return
+	}
+
+	keepalive := time.NewTimer(s.cfg.Keepalive)
+	defer keepalive.Stop()
+	frames := v.sub.Frames()
+	for {
+		select {
+		case <-gone:
+			reason = reasonClientGone
+			return
+		case <-v.sub.Done():
+			if v.sub.Reason() == fanout.ReasonSlow {
+				reason = reasonSlow
+				return
+			}
+			// Shutdown: hand over what is already queued, then end the
+			// response cleanly so the browser reconnects to another replica.
+			if err := v.queued(nil, len(frames)); err != nil {
+				reason = v.writeFailed()
+				return
+			}
+			if v.chunked {
+				if _, err := v.conn.Write(lastChunk); err != nil {
+					reason = v.writeFailed()
+					return
+				}
+			}
+			reason = reasonShutdown
+			return
+		case f := <-frames:
+			if err := v.queued(f, maxBatch-1); err != nil {
+				reason = v.writeFailed()
+				return
+			}
+			keepalive.Reset(s.cfg.Keepalive)
+		case <-keepalive.C:
+			if err := v.writeFrames(frameKeepalive); err != nil {
+				reason = v.writeFailed()
+				return
+			}
+			keepalive.Reset(s.cfg.Keepalive)
+		}
+	}
+}
+
+// writeFailed names why a write failed: a viewer dropped as slow has its
+// blocked write cut on purpose (onEnd), which is not a network error.
+func (v *viewer) writeFailed() string {
+	if v.sub.Reason() == fanout.ReasonSlow {
+		return reasonSlow
+	}
+	return reasonWriteError
+}
+
+// watchClose closes gone when the client closes its side (or the relay
+// closes the connection). Browsers send nothing after the request, so any
+// read that returns means the stream is over.
+func watchClose(conn net.Conn, gone chan<- struct{}) {
+	var b [1]byte
+	for {
+		if _, err := conn.Read(b[:]); err != nil {
+			close(gone)
+			return
+		}
+	}
+}
+
+// streamSet tracks the open streams, which http.Server.Shutdown does not see
+// once they are taken over.
+type streamSet struct {
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+	idle   chan struct{} // closed when the last stream ends after close
+}
+
+// add registers conn; false once the set is closed (shutting down).
+func (s *streamSet) add(conn net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	if s.conns == nil {
+		s.conns = map[net.Conn]struct{}{}
+	}
+	s.conns[conn] = struct{}{}
+	return true
+}
+
+func (s *streamSet) done(conn net.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, conn)
+	if len(s.conns) == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
+}
+
+// wait refuses new streams and waits until every stream has ended; when ctx
+// ends first, it closes the connections still open.
+func (s *streamSet) wait(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	if len(s.conns) == 0 {
+		s.mu.Unlock()
+		return nil
+	}
+	idle := make(chan struct{})
+	s.idle = idle
+	s.mu.Unlock()
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		for c := range s.conns {
+			_ = c.Close()
+		}
+		s.mu.Unlock()
+		return ctx.Err()
+	}
+}
