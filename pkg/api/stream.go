@@ -188,4 +188,3 @@ func (s *Server) snapshot(ctx context.Context, fresh bool) (*snapshot, error) {
 	}
 	return snap, nil
 }
-
