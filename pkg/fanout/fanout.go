@@ -249,11 +249,12 @@ func (b *Broadcaster) Publish(ev Event) error {
 				delete(b.pos, k)
 			}
 		}
-		b.win.reset()
+		b.win.reset(b.pos)
 	} else if next, seen := b.pos[key]; seen && ev.Offset < next {
 		// Offsets went back under the same key (a cluster without topic IDs
 		// re-created the topic): the window no longer describes the stream.
-		b.win.reset()
+		delete(b.pos, key)
+		b.win.reset(b.pos)
 	}
 	b.topics[ev.Topic] = key.Topic
 	prev, had := b.pos[key]

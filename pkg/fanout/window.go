@@ -49,10 +49,14 @@ func (w *window) grow() {
 	w.ring, w.head = ring, 0
 }
 
-// reset forgets everything: after a partition's offsets went back, older
-// frames can no longer be placed in the stream.
-func (w *window) reset() {
+// reset forgets every frame (after a topic was re-created, older frames can
+// no longer be placed in the stream): from now on the window covers each
+// partition from its next offset, so resuming from anything older is a gap.
+func (w *window) reset(next Position) {
 	*w = *newWindow(w.maxEvents, w.maxBytes)
+	for k, v := range next {
+		w.low[k] = v
+	}
 }
 
 // resume computes what a viewer that has seen everything before from needs;
