@@ -56,6 +56,7 @@ type viewer struct {
 	// cut is conn once run starts; onEnd uses it from the publisher's goroutine.
 	cut          atomic.Pointer[net.Conn]
 	lastDeadline time.Time
+	lastWrite    time.Time // the keepalive timer is not reset per batch, only checked against this
 }
 
 // onEnd is called once by whoever ends the subscription: a viewer dropped as
@@ -97,8 +98,10 @@ func (v *viewer) write(b *batch) error {
 	if b.size == 0 {
 		return nil
 	}
+	now := time.Now()
+	v.lastWrite = now
 	// Re-arming the deadline at most once a second keeps it off the per-batch path.
-	if now := time.Now(); now.Sub(v.lastDeadline) > time.Second {
+	if now.Sub(v.lastDeadline) > time.Second {
 		v.lastDeadline = now
 		if err := v.conn.SetWriteDeadline(now.Add(v.s.cfg.WriteTimeout)); err != nil {
 			return err
@@ -261,8 +264,11 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 				reason = v.writeFailed()
 				return
 			}
-			keepalive.Reset(s.cfg.Keepalive)
 		case <-keepalive.C:
+			if quiet := time.Since(v.lastWrite); quiet < s.cfg.Keepalive {
+				keepalive.Reset(s.cfg.Keepalive - quiet) // frames went out meanwhile
+				continue
+			}
 			if err := v.writeFrames(frameKeepalive); err != nil {
 				reason = v.writeFailed()
 				return
