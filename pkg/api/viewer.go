@@ -213,8 +213,7 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 		s.log.Info("stream ended", "reason", reason, "duration", time.Since(start).Round(time.Millisecond).String())
 	}()
 
-	gone := make(chan struct{})
-	go watchClose(v.conn, gone)
+	go watchClose(v.conn, v.sub)
 
 	if _, err := v.conn.Write(v.responseHead()); err != nil {
 		return
@@ -237,12 +236,13 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 	frames := v.sub.Frames()
 	for {
 		select {
-		case <-gone:
-			reason = reasonClientGone
-			return
 		case <-v.sub.Done():
-			if v.sub.Reason() == fanout.ReasonSlow {
+			switch v.sub.Reason() {
+			case fanout.ReasonSlow:
 				reason = reasonSlow
+				return
+			case fanout.ReasonUnsubscribed: // watchClose: the client went
+				reason = reasonClientGone
 				return
 			}
 			// Shutdown: hand over what is already queued, then end the
@@ -287,14 +287,14 @@ func (v *viewer) writeFailed() string {
 	return reasonWriteError
 }
 
-// watchClose closes gone when the client closes its side (or the relay
-// closes the connection). Browsers send nothing after the request, so any
-// read that returns means the stream is over.
-func watchClose(conn net.Conn, gone chan<- struct{}) {
+// watchClose ends the subscription when the client closes its side (or the
+// relay closes the connection), which wakes run through sub.Done: one channel
+// fewer in run's select, on the path every frame takes.
+func watchClose(conn net.Conn, sub *fanout.Subscription) {
 	var b [1]byte
 	for {
 		if _, err := conn.Read(b[:]); err != nil {
-			close(gone)
+			sub.Close()
 			return
 		}
 	}
