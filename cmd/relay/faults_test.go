@@ -473,16 +473,7 @@ func recreateTopic(t *testing.T, cl *kgo.Client, topic string, partitions int32)
 		}
 		time.Sleep(200 * time.Millisecond) // still being deleted
 	}
-	for ctx.Err() == nil {
-		md, err := adm.Metadata(ctx, topic)
-		if err == nil {
-			if d, ok := md.Topics[topic]; ok && d.Err == nil && len(d.Partitions) == int(partitions) {
-				return
-			}
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("re-created topic %s not ready", topic)
+	relaytest.WaitTopic(ctx, t, adm, topic, partitions)
 }
 
 // TestTopicDeletedAndRecreated guards: a matching topic deleted and re-created is followed: its new events reach a viewer connected throughout.

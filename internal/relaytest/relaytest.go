@@ -434,6 +434,12 @@ func CreateTopic(t testing.TB, cl *kgo.Client, topic string, partitions int32) {
 	if err != nil || (resp.Err != nil && !errors.Is(resp.Err, kerr.TopicAlreadyExists)) {
 		t.Fatalf("create topic %s: %v %v", topic, err, resp.Err)
 	}
+	WaitTopic(ctx, t, adm, topic, partitions)
+}
+
+// WaitTopic waits until the broker lists topic with its partitions.
+func WaitTopic(ctx context.Context, t testing.TB, adm *kadm.Client, topic string, partitions int32) {
+	t.Helper()
 	for ctx.Err() == nil {
 		md, err := adm.Metadata(ctx, topic)
 		if err == nil {
