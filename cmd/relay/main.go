@@ -44,8 +44,14 @@ func main() {
 	}
 }
 
-// readHeaderTimeout cuts clients that send headers too slowly (slowloris).
-const readHeaderTimeout = 5 * time.Second
+const (
+	// readHeaderTimeout cuts clients that send headers too slowly (slowloris).
+	readHeaderTimeout = 5 * time.Second
+	// historyReads and historyMaxRecords bound reading resume gaps back from
+	// Kafka: reads at once, and records per read (a longer gap gets a snapshot).
+	historyReads      = 4
+	historyMaxRecords = 100_000
+)
 
 // run starts the relay and blocks until ctx ends, then shuts down within
 // the configured timeout. Logs go to stderr; the demo's URL goes to stdout.
@@ -80,10 +86,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Buffer: cfg.SubscriberBuffer, WindowEvents: cfg.ReplayWindow, WindowBytes: cfg.ReplayWindowBytes,
 	})
 	registerFanoutMetrics(reg, hub)
-	cons, err := consumer.New(consumer.Config{
+	consCfg := consumer.Config{
 		Brokers: brokers, TopicsRegex: cfg.TopicsRegex, MaxRecordBytes: cfg.MaxRecordBytes,
 		Backfill: cfg.ReplayWindow, Logger: log, Registerer: reg,
-	}, hub)
+	}
+	cons, err := consumer.New(consCfg, hub)
 	if err != nil {
 		return err
 	}
@@ -93,6 +100,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
 		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, AuthCacheTTL: 10 * time.Second,
 		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
+		History: consumer.NewHistory(consCfg, historyReads, historyMaxRecords),
 	}, st, hub)
 	if err != nil {
 		return err

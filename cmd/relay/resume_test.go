@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -9,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
 
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/testenv"
@@ -192,8 +195,10 @@ func openingFrames(t *testing.T, s *relaytest.Stream) {
 }
 
 // Resuming from inside the window replays without a snapshot (also through
-// ?last_event_id=); from before the window, or with an id the relay did not
-// make, the viewer gets a fresh snapshot and then the live stream.
+// ?last_event_id=); from before the window, what the window lacks is read
+// back from Kafka, still without a snapshot; from before what Kafka still
+// holds, or with an id the relay did not make, the viewer gets a fresh
+// snapshot and then the live stream.
 func TestResumeEdges(t *testing.T) {
 	env, topic := resumeEnv(t, map[string]string{"RELAY_REPLAY_WINDOW": "5"})
 	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
@@ -211,20 +216,40 @@ func TestResumeEdges(t *testing.T) {
 	}
 	s.Close()
 
-	t.Run("inside the window, by query parameter", func(t *testing.T) {
-		s := relaytest.Dial(t, r.URL, token+"&last_event_id="+ids[16])
+	// resumed reads seqs [first, 20) in order from a resumed stream, ids included.
+	resumed := func(t *testing.T, s *relaytest.Stream, first int) {
+		t.Helper()
 		openingFrames(t, s)
 		c := newCollector(t)
-		for range 3 {
-			c.take(s, 10*time.Second)
-		}
-		for i := 17; i < 20; i++ {
-			if !c.seen[i] {
-				t.Fatalf("seq %d not replayed; got %v", i, c.seen)
+		for i := first; i < 20; i++ {
+			c.take(s, 15*time.Second) // a snapshot frame here would fail SplitID
+			if !c.seen[i] || len(c.seen) != i-first+1 {
+				t.Fatalf("frame %d: got %v, want seqs %d..%d in order", i-first, c.seen, first, i)
+			}
+			if c.lastID != ids[i] {
+				t.Fatalf("seq %d has id %q, want %q, the id the live stream gave it", i, c.lastID, ids[i])
 			}
 		}
+	}
+	t.Run("inside the window, by query parameter", func(t *testing.T) {
+		resumed(t, relaytest.Dial(t, r.URL, token+"&last_event_id="+ids[16]), 17)
 	})
-	for name, id := range map[string]string{"before the window": ids[2], "garbage": "not-an-id"} {
+	t.Run("before the window: read back from Kafka", func(t *testing.T) {
+		resumed(t, relaytest.DialWith(t, r.URL, token, lastEventID(ids[2])), 3)
+		if got := relaytest.Metric(t, r.URL, `relay_resumes_total{via="kafka"}`); got != 1 {
+			t.Fatalf("relay_resumes_total{via=kafka} = %v, want 1", got)
+		}
+	})
+
+	// Records 0..9 leave Kafka: a resume from seq 2 can no longer be healed.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	off := kadm.Offsets{}
+	off.Add(kadm.Offset{Topic: topic, Partition: 0, At: 10})
+	if _, err := kadm.NewClient(cl).DeleteRecords(ctx, off); err != nil {
+		t.Fatal(err)
+	}
+	for name, id := range map[string]string{"before what Kafka holds": ids[2], "garbage": "not-an-id"} {
 		t.Run(name, func(t *testing.T) {
 			s := relaytest.DialWith(t, r.URL, token, lastEventID(id))
 			openingFrames(t, s)

@@ -44,6 +44,12 @@ type Broker interface {
 	Position() fanout.Position
 }
 
+// History reads back from Kafka what the replay window no longer holds.
+type History interface {
+	// Read returns the events of the ranges, each in offset order.
+	Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Event, error)
+}
+
 // Config is the API's part of the relay's settings.
 type Config struct {
 	JWTSecret      []byte
@@ -64,6 +70,9 @@ type Config struct {
 	Logger       *slog.Logger
 	Registerer   prometheus.Registerer
 	Gatherer     prometheus.Gatherer
+	// History, if set, serves resumes older than the replay window; without
+	// it, or when Kafka no longer has the records, such viewers get a snapshot.
+	History History
 	// ConsumerReady reports whether the Kafka consumer runs and has filled the
 	// replay window at start-up (readiness).
 	ConsumerReady func() bool
@@ -238,7 +247,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 13),
 		}),
 		resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_resumes_total", Help: "Streams opened with Last-Event-ID, by how they resumed: window or snapshot.",
+			Name: "relay_resumes_total", Help: "Streams opened with Last-Event-ID, by how they resumed: window, kafka (the gap read back) or snapshot.",
 		}, []string{"via"}),
 	}
 	for _, col := range []prometheus.Collector{m.connected, m.connects, m.disconnects, m.snapshot, m.resumes} {

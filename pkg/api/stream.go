@@ -93,6 +93,7 @@ func (s *Server) events(c *gin.Context) {
 	var (
 		resume fanout.Resume
 		snap   []byte
+		via    = "window"
 	)
 	if from != nil {
 		var err error
@@ -100,9 +101,12 @@ func (s *Server) events(c *gin.Context) {
 			s.fail(c, http.StatusServiceUnavailable, bodyShuttingDown)
 			return
 		}
-		if resume.Gap { // the window cannot bring this viewer up to date: start afresh
+		if resume.Gap { // the window cannot bring this viewer up to date
 			v.sub.Close()
 			v.sub = nil
+			if v.sub, resume = s.resumeFromKafka(ctx, from, resume.Missing, v.onEnd); v.sub != nil {
+				via = "kafka"
+			}
 		}
 	}
 	if v.sub == nil {
@@ -114,7 +118,6 @@ func (s *Server) events(c *gin.Context) {
 		}
 	}
 	if from != nil {
-		via := "window"
 		if snap != nil {
 			via = "snapshot"
 		}
@@ -140,6 +143,54 @@ func (s *Server) events(c *gin.Context) {
 	s.m.connects.WithLabelValues("200").Inc()
 	s.m.connected.Inc()
 	go v.run(snap, resume.Replay)
+}
+
+// historyTimeout bounds reading a gap back from Kafka, waiting included.
+const historyTimeout = 5 * time.Second
+
+// resumeFromKafka reads from Kafka what a resuming viewer missed before the
+// window, then subscribes it from where that read ends; the frames read come
+// first in its replay. It returns no subscription when that cannot be done
+// (no history, records gone, Kafka slow, the window moved on meanwhile): the
+// viewer then gets a snapshot.
+func (s *Server) resumeFromKafka(ctx context.Context, from fanout.Position, missing []fanout.Range, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resume) {
+	if s.cfg.History == nil || len(missing) == 0 {
+		return nil, fanout.Resume{}
+	}
+	ctx, cancel := context.WithTimeout(ctx, historyTimeout)
+	defer cancel()
+	events, err := s.cfg.History.Read(ctx, missing)
+	if err != nil {
+		s.log.Info("resume gap not read back from Kafka; sending a snapshot", "err", err)
+		return nil, fanout.Resume{}
+	}
+	pos := make(fanout.Position, len(from))
+	for k, o := range from {
+		pos[k] = o
+	}
+	frames := make([]*fanout.Frame, 0, len(events))
+	for _, ev := range events {
+		key := fanout.KeyOf(ev.Topic, ev.TopicID, ev.Partition)
+		pos[key] = ev.Offset + 1
+		f, err := fanout.Encode(ev, pos.Encode())
+		if err != nil {
+			continue // cannot be framed; the live path skips it too
+		}
+		frames = append(frames, f)
+	}
+	for _, r := range missing { // records that did not decode still count as read
+		pos[fanout.KeyOf(r.Topic, r.TopicID, r.Partition)] = r.To
+	}
+	sub, resume, err := s.broker.SubscribeFrom(pos, onEnd)
+	if err != nil {
+		return nil, fanout.Resume{}
+	}
+	if resume.Gap {
+		sub.Close()
+		return nil, fanout.Resume{}
+	}
+	resume.Replay = append(frames, resume.Replay...)
+	return sub, resume
 }
 
 // subscribeWithSnapshot gives a new viewer a snapshot (shared, at most

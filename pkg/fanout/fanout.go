@@ -58,6 +58,7 @@ type Broadcaster struct {
 	pos    Position // after the last published event
 	win    *window
 	topics map[string]uint32 // current topic hash (name and topic ID) per topic name
+	names  map[uint32]topicName
 
 	published, delivered, dropped atomic.Uint64
 }
@@ -107,7 +108,7 @@ func New(o Options) *Broadcaster {
 	if o.WindowBytes < 1 {
 		o.WindowBytes = 64 << 20
 	}
-	return &Broadcaster{buffer: o.Buffer, pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes), topics: map[string]uint32{}}
+	return &Broadcaster{buffer: o.Buffer, pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes), topics: map[string]uint32{}, names: map[uint32]topicName{}}
 }
 
 // Subscription is one viewer's bounded queue of frames.
@@ -212,8 +213,26 @@ type Resume struct {
 	// frames of such a partition below its offset were already seen elsewhere.
 	Skip Position
 	// Gap is set when the window cannot bring the viewer from the position to
-	// now without loss: the viewer needs a fresh snapshot instead.
+	// now without loss.
 	Gap bool
+	// Missing, with Gap, lists what the window lacks, per partition: the
+	// records from From to To (exclusive), which Kafka may still hold. Nil
+	// when the gap cannot be named (an id far ahead, or of unknown topics):
+	// then only a fresh snapshot helps.
+	Missing []Range
+}
+
+// Range is a run of one partition's offsets.
+type Range struct {
+	Topic     string
+	TopicID   [16]byte
+	Partition int32
+	From, To  int64
+}
+
+type topicName struct {
+	name string
+	id   [16]byte
 }
 
 // SubscribeFrom subscribes a viewer that has seen everything before from; a
@@ -227,7 +246,7 @@ func (b *Broadcaster) SubscribeFrom(from Position, onEnd func(Reason)) (*Subscri
 	if err != nil || from == nil {
 		return s, Resume{}, err
 	}
-	return s, b.win.resume(from, b.pos), nil
+	return s, b.win.resume(from, b.pos, b.names), nil
 }
 
 // Publish encodes ev once, with the stream position after it as its id, keeps
@@ -249,6 +268,7 @@ func (b *Broadcaster) Publish(ev Event) error {
 				delete(b.pos, k)
 			}
 		}
+		delete(b.names, old)
 		b.win.reset(b.pos)
 	} else if next, seen := b.pos[key]; seen && ev.Offset < next {
 		// Offsets went back under the same key (a cluster without topic IDs
@@ -257,6 +277,7 @@ func (b *Broadcaster) Publish(ev Event) error {
 		b.win.reset(b.pos)
 	}
 	b.topics[ev.Topic] = key.Topic
+	b.names[key.Topic] = topicName{ev.Topic, ev.TopicID}
 	prev, had := b.pos[key]
 	b.pos[key] = ev.Offset + 1
 	f, err := Encode(ev, b.pos.Encode())

@@ -60,27 +60,32 @@ func (w *window) reset(next Position) {
 }
 
 // resume computes what a viewer that has seen everything before from needs;
-// now is the position after the newest published frame.
-func (w *window) resume(from, now Position) Resume {
+// now is the position after the newest published frame, names the topics'
+// names by hash (to name the missing ranges).
+func (w *window) resume(from, now Position, names map[uint32]topicName) Resume {
 	r := Resume{}
 	for k, next := range now {
 		v := from[k]
 		switch {
 		case v > next:
 			// Ahead of this replica: skip what it already saw. Far ahead is
-			// not a position of this stream (the topic was re-created).
+			// not a position of this stream.
 			if v-next > int64(w.maxEvents) {
-				r.Gap = true
-				return r
+				return Resume{Gap: true}
 			}
 			if r.Skip == nil {
 				r.Skip = Position{}
 			}
 			r.Skip[k] = v
 		case v < w.low[k]:
-			r.Gap = true // records between v and low are no longer here
-			return r
+			// Records between v and low are no longer here.
+			r.Gap = true
+			n := names[k.Topic]
+			r.Missing = append(r.Missing, Range{Topic: n.name, TopicID: n.id, Partition: k.Partition, From: v, To: w.low[k]})
 		}
+	}
+	if r.Gap {
+		return Resume{Gap: true, Missing: r.Missing}
 	}
 	for k, v := range from {
 		if _, known := now[k]; !known && v > 0 {
