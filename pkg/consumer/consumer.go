@@ -33,16 +33,11 @@ type Config struct {
 	TopicsRegex string
 	// MaxRecordBytes caps a record value; bigger ones are skipped (too_large).
 	MaxRecordBytes int
-	// MetadataMaxAge bounds how long a newly created matching topic goes
-	// unnoticed. Default 5s, so new topics are read within 10 s.
-	MetadataMaxAge time.Duration
 	Logger         *slog.Logger
 	Registerer     prometheus.Registerer
 	// Backfill is how many records per partition to read back at start-up
 	// into the replay window, so that viewers can resume on a fresh replica.
 	Backfill int
-	// ExtraOpts are appended to the client options (tests use them).
-	ExtraOpts []kgo.Opt
 }
 
 // Consumer is the process's one Kafka client.
@@ -83,9 +78,6 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 	}
 	if _, err := regexp.Compile(cfg.TopicsRegex); err != nil {
 		return nil, fmt.Errorf("consumer: topics regex: %w", err)
-	}
-	if cfg.MetadataMaxAge <= 0 {
-		cfg.MetadataMaxAge = 5 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -129,6 +121,9 @@ const (
 	backfillTimeout = 10 * time.Second
 	// maxBackfill bounds how long readiness waits for the backfill.
 	maxBackfill = 60 * time.Second
+	// metadataMaxAge bounds how long a newly created matching topic goes
+	// unnoticed, so that new topics are read within 10 s.
+	metadataMaxAge = 5 * time.Second
 )
 
 func (c *Consumer) clientOpts(start kgo.Offset) []kgo.Opt {
@@ -140,12 +135,12 @@ func (c *Consumer) clientOpts(start kgo.Offset) []kgo.Opt {
 		// A partition whose offset vanished (retention) restarts at its
 		// earliest record rather than skipping what is there.
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
-		kgo.MetadataMaxAge(c.cfg.MetadataMaxAge),
+		kgo.MetadataMaxAge(metadataMaxAge),
 		kgo.MetadataMinAge(time.Second),
 		kgo.FetchMaxWait(500 * time.Millisecond),
 		kgo.ClientID("identity-relay"),
 	}
-	return append(opts, c.cfg.ExtraOpts...)
+	return opts
 }
 
 // connect learns the end offset of every matching partition and builds the

@@ -23,7 +23,6 @@ type History struct {
 	maxRecordBytes int
 	maxRecords     int
 	sem            chan struct{}
-	extra          []kgo.Opt
 }
 
 // NewHistory returns a reader allowing concurrency reads at once, each of at
@@ -31,7 +30,7 @@ type History struct {
 func NewHistory(cfg Config, concurrency, maxRecords int) *History {
 	return &History{
 		brokers: cfg.Brokers, maxRecordBytes: cfg.MaxRecordBytes, maxRecords: maxRecords,
-		sem: make(chan struct{}, concurrency), extra: cfg.ExtraOpts,
+		sem: make(chan struct{}, concurrency),
 	}
 }
 
@@ -62,15 +61,14 @@ func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Eve
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	opts := append([]kgo.Opt{
+	cl, err := kgo.NewClient(
 		kgo.SeedBrokers(h.brokers...),
 		kgo.ConsumePartitions(want),
 		// A range that starts below the log start is gone: fail, do not skip.
 		kgo.ConsumeResetOffset(kgo.NoResetOffset()),
-		kgo.FetchMaxWait(100 * time.Millisecond),
+		kgo.FetchMaxWait(100*time.Millisecond),
 		kgo.ClientID("identity-relay-history"),
-	}, h.extra...)
-	cl, err := kgo.NewClient(opts...)
+	)
 	if err != nil {
 		return nil, fmt.Errorf("history: %w", err)
 	}

@@ -78,7 +78,8 @@ type Stats struct {
 	Published uint64 // events encoded and offered
 	Delivered uint64 // frames placed in a viewer's channel
 	Dropped   uint64 // viewers ended because their channel was full
-	// WindowEvents and WindowBytes are the replay window's size now.
+	// Subscribers, WindowEvents and WindowBytes are sizes now.
+	Subscribers  int
 	WindowEvents int
 	WindowBytes  int
 }
@@ -86,12 +87,13 @@ type Stats struct {
 // Stats returns the running totals.
 func (b *Broadcaster) Stats() Stats {
 	b.mu.Lock()
-	n, size := b.win.n, b.win.bytes
+	subs, n, size := len(b.subs), b.win.n, b.win.bytes
 	b.mu.Unlock()
 	return Stats{
 		Published:    b.published.Load(),
 		Delivered:    b.delivered.Load(),
 		Dropped:      b.dropped.Load(),
+		Subscribers:  subs,
 		WindowEvents: n,
 		WindowBytes:  size,
 	}
@@ -161,24 +163,6 @@ func (s *Subscription) end(r Reason) bool {
 	return ended
 }
 
-// Len reports the number of live subscriptions.
-func (b *Broadcaster) Len() int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return len(b.subs)
-}
-
-// Subscribe adds a viewer. Frames published from now on are offered to it.
-// onEnd, if not nil, is called once when the subscription ends, by whichever
-// goroutine ends it, possibly the publisher's: it must return at once and must
-// not call the broadcaster. The API uses it to cut a write blocked on a
-// viewer that was just dropped for being slow.
-func (b *Broadcaster) Subscribe(onEnd func(Reason)) (*Subscription, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.subscribeLocked(onEnd)
-}
-
 func (b *Broadcaster) subscribeLocked(onEnd func(Reason)) (*Subscription, error) {
 	if b.closed {
 		return nil, ErrClosed
@@ -239,6 +223,11 @@ type topicName struct {
 // nil from is a new viewer, with nothing to replay. Subscribing and reading
 // the window happen under one lock, so every frame is either replayed or
 // offered live, never both, never neither.
+//
+// onEnd, if not nil, is called once when the subscription ends, by whichever
+// goroutine ends it, possibly the publisher's: it must return at once and must
+// not call the broadcaster. The API uses it to cut a write blocked on a
+// viewer that was just dropped for being slow.
 func (b *Broadcaster) SubscribeFrom(from Position, onEnd func(Reason)) (*Subscription, Resume, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -22,7 +22,7 @@ func BenchmarkBroadcast(b *testing.B) {
 			var wg sync.WaitGroup
 			subs := make([]*Subscription, viewers)
 			for i := range subs {
-				s, err := hub.Subscribe(nil)
+				s, _, err := hub.SubscribeFrom(nil, nil)
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -20,7 +20,7 @@ func event(i int) Event {
 
 func mustSubscribe(t *testing.T, b *Broadcaster, onEnd func(Reason)) *Subscription {
 	t.Helper()
-	s, err := b.Subscribe(onEnd)
+	s, _, err := b.SubscribeFrom(nil, onEnd)
 	if err != nil {
 		t.Fatalf("subscribe: %v", err)
 	}
@@ -79,7 +79,7 @@ func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
 	if len(stalled.Frames()) != buffer {
 		t.Fatalf("stalled viewer holds %d frames, want its full buffer %d", len(stalled.Frames()), buffer)
 	}
-	if n := b.Len(); n != len(readers) {
+	if n := b.Stats().Subscribers; n != len(readers) {
 		t.Fatalf("%d subscribers left, want %d", n, len(readers))
 	}
 	st := b.Stats()
@@ -107,8 +107,8 @@ func TestPublishNeverBlocks(t *testing.T) {
 			t.Fatalf("sub %d reason %v, want slow", i, s.Reason())
 		}
 	}
-	if b.Len() != 0 {
-		t.Fatalf("%d subscribers left", b.Len())
+	if b.Stats().Subscribers != 0 {
+		t.Fatalf("%d subscribers left", b.Stats().Subscribers)
 	}
 }
 
@@ -138,7 +138,7 @@ func TestCloseEndsEverySubscription(t *testing.T) {
 	if calls.Load() != 1 {
 		t.Fatalf("onEnd called %d times", calls.Load())
 	}
-	if _, err := b.Subscribe(nil); !errors.Is(err, ErrClosed) {
+	if _, _, err := b.SubscribeFrom(nil, nil); !errors.Is(err, ErrClosed) {
 		t.Fatalf("subscribe after close: %v, want ErrClosed", err)
 	}
 	if err := b.Close(); !errors.Is(err, ErrClosed) {
@@ -152,8 +152,8 @@ func TestUnsubscribe(t *testing.T) {
 	s1, s2, s3 := mustSubscribe(t, b, nil), mustSubscribe(t, b, nil), mustSubscribe(t, b, nil)
 	s1.Close()
 	s1.Close()
-	if s1.Reason() != ReasonUnsubscribed || b.Len() != 2 {
-		t.Fatalf("reason %v len %d", s1.Reason(), b.Len())
+	if s1.Reason() != ReasonUnsubscribed || b.Stats().Subscribers != 2 {
+		t.Fatalf("reason %v len %d", s1.Reason(), b.Stats().Subscribers)
 	}
 	mustPublish(t, b, event(1))
 	if len(s1.Frames()) != 0 || len(s2.Frames()) != 1 || len(s3.Frames()) != 1 {
@@ -161,8 +161,8 @@ func TestUnsubscribe(t *testing.T) {
 	}
 	s3.Close()
 	s2.Close()
-	if b.Len() != 0 {
-		t.Fatalf("len %d", b.Len())
+	if b.Stats().Subscribers != 0 {
+		t.Fatalf("len %d", b.Stats().Subscribers)
 	}
 }
 
@@ -182,7 +182,7 @@ func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
 					return
 				default:
 				}
-				s, err := b.Subscribe(nil)
+				s, _, err := b.SubscribeFrom(nil, nil)
 				if err != nil {
 					t.Error(err)
 					return
@@ -211,8 +211,8 @@ func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
-	if b.Len() != 0 {
-		t.Fatalf("%d subscribers left", b.Len())
+	if b.Stats().Subscribers != 0 {
+		t.Fatalf("%d subscribers left", b.Stats().Subscribers)
 	}
 }
 
