@@ -408,7 +408,7 @@ func TestRelayStartsWhileBrokerDown(t *testing.T) {
 	brokers := testenv.KafkaBrokers(t)
 	cl := relaytest.Producer(t, brokers)
 	relaytest.CreateTopic(t, cl, topic, 1)
-	produceNumbered(t, cl, topic, -1, 0) // older than the relay: backfill, never broadcast
+	produceNumbered(t, cl, topic, -1, 0) // before the relay started: history, never broadcast
 	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
 
 	restartKafkaAtCleanup(t)

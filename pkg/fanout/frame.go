@@ -31,8 +31,8 @@ type Event struct {
 	TopicID   [16]byte
 	Partition int32
 	Offset    int64
-	// Backfill marks a record read at start-up to fill the replay window: it
-	// is older than the process, so it is kept for resumes but not broadcast.
+	// Backfill marks a record read at start-up to fill the replay window (it
+	// lay below its partition's end offset then): kept for resumes, not broadcast.
 	Backfill bool
 }
 
