@@ -37,6 +37,7 @@
 #   BENCH_PERF                       1: perf record the relay during scenarios 2 and 3
 #                                    (needs perf; cpu-clock sampling, call graphs)
 #   BENCH_EXTRA                      extra flags for every relay-load run
+#   BENCH_RELAY_ENV                  extra settings for every relay, e.g. "RELAY_SSE_KEEPALIVE=5s"
 #
 # The machine should be quiet: the tool and the relay share its cores, and
 # every figure moves with whatever else runs. The script prints the load
@@ -128,6 +129,8 @@ scenario() {
 	)
 	# shellcheck disable=SC2206
 	[ -n "$relay_env" ] && env+=($relay_env)
+	# shellcheck disable=SC2206
+	[ -n "${BENCH_RELAY_ENV:-}" ] && env+=($BENCH_RELAY_ENV)
 
 	echo
 	echo "################ scenario $name ################"
