@@ -133,10 +133,9 @@ func (s *Server) events(c *gin.Context) {
 		s.fail(c, http.StatusInternalServerError, detail("Streaming unsupported"))
 		return
 	}
-	if !s.streams.add(conn) { // shutting down since the checks above
+	if !s.streams.add(conn) { // shutting down since the checks above (the slot goes back in the defer)
 		v.sub.Close()
 		_ = conn.Close()
-		s.limits.release(user.UUID)
 		return
 	}
 	v.conn = conn
