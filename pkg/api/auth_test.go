@@ -793,3 +793,33 @@ func TestSnapshotShared(t *testing.T) {
 		t.Errorf("%d snapshot queries after the shared one aged, want 2", got)
 	}
 }
+
+// TestStreamRefusedAfterTakeover guards the shutdown race: a viewer that
+// passed every check just as Wait began has its taken-over connection closed
+// and gives its cap slots back exactly once.
+func TestStreamRefusedAfterTakeover(t *testing.T) {
+	h := newHarness(t, newFakeStore(), nil)
+	if err := h.srv.Wait(context.Background()); err != nil { // no stream open: only closes the set
+		t.Fatal(err)
+	}
+	resp, err := h.client.Do(h.request(t, "", hs256(t, claimsFor("u-viewer", nil))))
+	if err == nil {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		t.Fatalf("got %d %q, want the connection closed", resp.StatusCode, body)
+	}
+	h.waitOpen(t, "u-viewer", 0)
+	// The handler logs last, once it has returned: after that no slot can move.
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(h.logs.String(), `"msg":"request"`); {
+		if time.Now().After(deadline) {
+			t.Fatal("the handler never returned")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	h.srv.limits.mu.Lock()
+	total := h.srv.limits.total
+	h.srv.limits.mu.Unlock()
+	if total != 0 {
+		t.Fatalf("%d slots held in all after the refusal, want 0 (a negative count is a double release)", total)
+	}
+}
