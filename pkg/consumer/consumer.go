@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -124,6 +125,8 @@ const (
 	// metadataMaxAge bounds how long a newly created matching topic goes
 	// unnoticed, so that new topics are read within 10 s.
 	metadataMaxAge = 5 * time.Second
+	// yieldEvery is how many records the consumer publishes between yields.
+	yieldEvery = 128
 )
 
 func (c *Consumer) clientOpts(start kgo.Offset) []kgo.Opt {
@@ -248,8 +251,13 @@ func (c *Consumer) Run(ctx context.Context) error {
 		c.followRecreated(ctx, fetches)
 		fetches.EachTopic(func(t kgo.FetchTopic) {
 			for _, p := range t.Partitions {
-				for _, r := range p.Records {
+				for i, r := range p.Records {
 					c.handle(r, t.TopicID)
+					if i%yieldEvery == yieldEvery-1 {
+						// A big fetch (a burst, a catch-up) would otherwise fill every
+						// viewer's queue before any viewer ran: let them drain.
+						runtime.Gosched()
+					}
 				}
 				if n := len(p.Records); n > 0 {
 					lag := p.HighWatermark - p.Records[n-1].Offset - 1
