@@ -100,7 +100,7 @@ func TestBadRecordsEndToEnd(t *testing.T) {
 	createBigTopic(t, cl, topic)
 	r := relaytest.Start(t, env)
 	r.WaitReady(t)
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	token := viewerToken(t)
 	v := openViewer(t, streamClient(t), r.URL, token)
 	expectStarted(t, []*sseViewer{v}, 30*time.Second)
 
@@ -368,13 +368,10 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	const stalled, readers = 1000, 100
 	const buffer, windowBytes = 256, 64 << 20 // RELAY_SUBSCRIBER_BUFFER, RELAY_REPLAY_WINDOW_BYTES defaults
 	env, topic := resumeEnv(t, map[string]string{"RELAY_SSE_MAX_PER_USER": "2000", "RELAY_LOG_LEVEL": "info"})
-	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	relaytest.CreateTopic(t, cl, topic, 1)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
+	r, cl := startOnTopic(t, env, topic, 1)
 	pid := r.Pid()
 	rssStart := vmRSS(t, pid)
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	token := viewerToken(t)
 
 	// The stalled viewers: a request, then never a read. Each advertises an
 	// Ethernet-sized MSS and a small receive buffer, set before connecting:

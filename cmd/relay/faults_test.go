@@ -344,12 +344,8 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 	env, topic := resumeEnv(t, map[string]string{
 		"RELAY_SSE_KEEPALIVE": "2s", "RELAY_SSE_MAX_PER_USER": "1000", "RELAY_LOG_LEVEL": "info",
 	})
-	brokers := testenv.KafkaBrokers(t)
-	cl := relaytest.Producer(t, brokers)
-	relaytest.CreateTopic(t, cl, topic, 1)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	r, cl := startOnTopic(t, env, topic, 1)
+	token := viewerToken(t)
 
 	vs := openViewers(t, streamClient(t), r.URL, token, viewers)
 	expectStarted(t, vs, 60*time.Second)
@@ -380,7 +376,7 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 
 	testenv.StartKafka(t)
 	restarted := time.Now()
-	cl2 := relaytest.Producer(t, brokers)
+	cl2 := relaytest.Producer(t, testenv.KafkaBrokers(t))
 	produceNumbered(t, cl2, topic, 1, 1+after)
 	waitViewers(t, vs, 90*time.Second, "the events produced after the restart",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 1+after })
@@ -409,7 +405,7 @@ func TestRelayStartsWhileBrokerDown(t *testing.T) {
 	cl := relaytest.Producer(t, brokers)
 	relaytest.CreateTopic(t, cl, topic, 1)
 	produceNumbered(t, cl, topic, -1, 0) // before the relay started: history, never broadcast
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	token := viewerToken(t)
 
 	restartKafkaAtCleanup(t)
 	testenv.StopKafka(t)
@@ -479,12 +475,8 @@ func recreateTopic(t *testing.T, cl *kgo.Client, topic string, partitions int32)
 // TestTopicDeletedAndRecreated guards: a matching topic deleted and re-created is followed: its new events reach a viewer connected throughout.
 func TestTopicDeletedAndRecreated(t *testing.T) {
 	env, topic := resumeEnv(t, nil)
-	brokers := testenv.KafkaBrokers(t)
-	cl := relaytest.Producer(t, brokers)
-	relaytest.CreateTopic(t, cl, topic, 1)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	r, cl := startOnTopic(t, env, topic, 1)
+	token := viewerToken(t)
 	v := openViewer(t, streamClient(t), r.URL, token)
 	expectStarted(t, []*sseViewer{v}, 30*time.Second)
 	produceNumbered(t, cl, topic, 0, 3)
@@ -493,7 +485,7 @@ func TestTopicDeletedAndRecreated(t *testing.T) {
 
 	recreateTopic(t, cl, topic, 1)
 	recreated := time.Now()
-	cl2 := relaytest.Producer(t, brokers) // a fresh client: cl refuses the new topic ID
+	cl2 := relaytest.Producer(t, testenv.KafkaBrokers(t)) // a fresh client: cl refuses the new topic ID
 	produceNumbered(t, cl2, topic, 3, 6)
 	waitViewers(t, []*sseViewer{v}, 60*time.Second, "the re-created topic's events",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 6 })
@@ -544,10 +536,7 @@ func timedConnect(t *testing.T, baseURL, token string) (code int, body string, t
 // TestDatabaseOutage guards: PostgreSQL down: new viewers get 503 + JSON detail in < 2 s, open streams go on, viewers accepted < 5 s after it returns.
 func TestDatabaseOutage(t *testing.T) {
 	env, topic := resumeEnv(t, nil)
-	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	relaytest.CreateTopic(t, cl, topic, 1)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
+	r, cl := startOnTopic(t, env, topic, 1)
 	db := relaytest.DB(t)
 	open := relaytest.AddUser(t, db, "viewer")
 	// Fresh users: never looked up, so a connect must query users (and
@@ -627,11 +616,8 @@ func TestSIGTERMWithThousandStreams(t *testing.T) {
 		"RELAY_SSE_MAX_PER_USER": "2000", "RELAY_LOG_LEVEL": "info",
 		"RELAY_SHUTDOWN_TIMEOUT": shutdownTimeout.String(),
 	})
-	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	relaytest.CreateTopic(t, cl, topic, 1)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	r, cl := startOnTopic(t, env, topic, 1)
+	token := viewerToken(t)
 
 	vs := openViewers(t, streamClient(t), r.URL, token, viewers)
 	expectStarted(t, vs, 60*time.Second)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/testenv"
@@ -33,6 +34,23 @@ func resumeEnv(t *testing.T, extra map[string]string) (env map[string]string, to
 		env[k] = v
 	}
 	return env, prefix + ".seq"
+}
+
+// startOnTopic creates topic with partitions, starts a relay with env and
+// waits until it is ready; it returns the relay and a producer.
+func startOnTopic(t *testing.T, env map[string]string, topic string, partitions int32) (*relaytest.Process, *kgo.Client) {
+	t.Helper()
+	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
+	relaytest.CreateTopic(t, cl, topic, partitions)
+	r := relaytest.Start(t, env)
+	r.WaitReady(t)
+	return r, cl
+}
+
+// viewerToken adds a viewer to the test database and returns a token for it.
+func viewerToken(t *testing.T) string {
+	t.Helper()
+	return relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
 }
 
 // produceSeq produces seqs [from, to) round-robin over partitions.
@@ -137,11 +155,8 @@ func TestResumeOnAnotherReplica(t *testing.T) {
 // and ends with every event.
 func TestStalledViewerResumesComplete(t *testing.T) {
 	env, topic := resumeEnv(t, map[string]string{"RELAY_SUBSCRIBER_BUFFER": "8"})
-	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	relaytest.CreateTopic(t, cl, topic, 2)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	r, cl := startOnTopic(t, env, topic, 2)
+	token := viewerToken(t)
 
 	// Big events fill the socket buffers quickly, then the 8-frame channel.
 	pad := strings.Repeat("x", 16<<10)
@@ -201,11 +216,8 @@ func openingFrames(t *testing.T, s *relaytest.Stream) {
 // snapshot and then the live stream.
 func TestResumeEdges(t *testing.T) {
 	env, topic := resumeEnv(t, map[string]string{"RELAY_REPLAY_WINDOW": "5"})
-	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	relaytest.CreateTopic(t, cl, topic, 1)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	r, cl := startOnTopic(t, env, topic, 1)
+	token := viewerToken(t)
 
 	s := relaytest.Dial(t, r.URL, token)
 	s.ExpectStart(t)
@@ -288,11 +300,8 @@ func TestReconnectStormQueries(t *testing.T) {
 	env, topic := resumeEnv(t, map[string]string{
 		"RELAY_SSE_MAX_PER_USER": "10000", "RELAY_LOG_LEVEL": "info",
 	})
-	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	relaytest.CreateTopic(t, cl, topic, 1)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	r, _ := startOnTopic(t, env, topic, 1)
+	token := viewerToken(t)
 	s := relaytest.Dial(t, r.URL, token)
 	s.ExpectStart(t)
 	produceSeq(t, topic, 1, 0, 10)

@@ -21,7 +21,7 @@ func TestScaleOutThreeReplicas(t *testing.T) {
 	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
 	relaytest.CreateTopic(t, cl, topic, partitions)
 	replicas := []*relaytest.Process{relaytest.Start(t, env), relaytest.Start(t, env), relaytest.Start(t, env)}
-	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
+	token := viewerToken(t)
 	type viewer struct {
 		s *relaytest.Stream
 		c *collector
