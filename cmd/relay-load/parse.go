@@ -62,11 +62,14 @@ type parser struct {
 	badChunk bool
 }
 
+// The needles follow the producer's order, so each is normally a prefix of
+// what is left; the run's starts with '{', rare in a data line, which the
+// search skips to quickly.
 var (
-	needleRun  = []byte(`"run":"`)
-	needlePart = []byte(`"part":`)
-	needleSeq  = []byte(`"seq":`)
-	needleSent = []byte(`"sent_ns":`)
+	needleRun  = []byte(`{"run":"`)
+	needlePart = []byte(`","part":`)
+	needleSeq  = []byte(`,"seq":`)
+	needleSent = []byte(`,"sent_ns":`)
 	prefEvent  = []byte("event: ")
 	prefData   = []byte("data: ")
 	evSnapshot = []byte("snapshot")
@@ -150,7 +153,8 @@ func (p *parser) endSize() {
 	p.cstate = chData
 }
 
-// sse consumes body bytes.
+// sse consumes body bytes. A line that arrived whole is read where it is;
+// only one split across reads is kept.
 func (p *parser) sse(b []byte, now int64) {
 	for len(b) > 0 {
 		i := bytes.IndexByte(b, '\n')
@@ -158,9 +162,14 @@ func (p *parser) sse(b []byte, now int64) {
 			p.keep(b)
 			return
 		}
-		p.keep(b[:i])
+		if p.lineLen == 0 {
+			p.endLine(b[:min(i, lineCap)], now)
+		} else {
+			p.keep(b[:i])
+			p.endLine(p.line[:p.lineLen], now)
+		}
+		p.lineLen = 0
 		b = b[i+1:]
-		p.endLine(now)
 	}
 }
 
@@ -173,9 +182,7 @@ func (p *parser) keep(b []byte) {
 	}
 }
 
-func (p *parser) endLine(now int64) {
-	l := p.line[:p.lineLen]
-	p.lineLen = 0
+func (p *parser) endLine(l []byte, now int64) {
 	if n := len(l); n > 0 && l[n-1] == '\r' {
 		l = l[:n-1]
 	}
@@ -218,6 +225,9 @@ func (p *parser) fields(d []byte) {
 	}
 	d = d[i+len(needleRun):]
 	p.fRun = len(p.runID) > 0 && bytes.HasPrefix(d, p.runID)
+	if j := bytes.IndexByte(d, '"'); j >= 0 {
+		d = d[j:]
+	}
 	var ok1, ok2, ok3 bool
 	p.fPart, d, ok1 = numberAfter(d, needlePart)
 	p.fSeq, d, ok2 = numberAfter(d, needleSeq)
@@ -226,9 +236,11 @@ func (p *parser) fields(d []byte) {
 }
 
 func numberAfter(d, needle []byte) (int64, []byte, bool) {
-	i := bytes.Index(d, needle)
-	if i < 0 {
-		return 0, d, false
+	i := 0
+	if !bytes.HasPrefix(d, needle) {
+		if i = bytes.Index(d, needle); i < 0 {
+			return 0, d, false
+		}
 	}
 	d = d[i+len(needle):]
 	neg := false

@@ -91,3 +91,29 @@ func TestIsStalled(t *testing.T) {
 		}
 	}
 }
+
+type countSink struct{ n int }
+
+func (s *countSink) frame(*parser, int64) { s.n++ }
+
+// The tool parses every frame every viewer gets: its cost per frame bounds
+// the rates the tool can measure on a shared machine.
+func BenchmarkParser(b *testing.B) {
+	var one strings.Builder
+	fmt.Fprintf(&one, "event: bench-1\ndata: {\"topic\":\"identity.bench-1\",\"type\":\"bench-1\",\"ts\":1750000000.123,\"payload\":{\"run\":\"r1\",\"part\":2,\"seq\":123456,\"sent_ns\":1750000000123456789,\"identity_uuid\":\"00000002-0000-4000-8000-00000001e240\",\"pad\":\"%s\"}}\nid: %s\n\n",
+		strings.Repeat("x", 60), strings.Repeat("A", 75))
+	body := chunk(strings.Repeat(one.String(), 128)) // one writev's worth
+	b.SetBytes(int64(len(body)))
+	s := &countSink{}
+	p := &parser{chunked: true, sink: s, runID: []byte(`r1"`)}
+	buf := []byte(body)
+	for b.Loop() {
+		for i := 0; i < len(buf); i += 16384 {
+			p.feed(buf[i:min(i+16384, len(buf))], 1)
+		}
+	}
+	if s.n == 0 {
+		b.Fatal("no frames parsed")
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(s.n), "ns/frame")
+}

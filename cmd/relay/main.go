@@ -84,6 +84,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	hub := fanout.New(fanout.Options{
 		Buffer: cfg.SubscriberBuffer, WindowEvents: cfg.ReplayWindow, WindowBytes: cfg.ReplayWindowBytes,
+		FlushInterval: cfg.FlushInterval,
 	})
 	registerFanoutMetrics(reg, hub)
 	consCfg := consumer.Config{

@@ -37,6 +37,7 @@ type Config struct {
 	Keepalive         time.Duration // RELAY_SSE_KEEPALIVE, default 15s
 	WriteTimeout      time.Duration // RELAY_SSE_WRITE_TIMEOUT, default 10s
 	SubscriberBuffer  int           // RELAY_SUBSCRIBER_BUFFER, default 256 frames
+	FlushInterval     time.Duration // RELAY_SSE_FLUSH_INTERVAL, default 5ms; 0 writes every event at once
 	Retry             time.Duration // RELAY_SSE_RETRY, default 3s
 	ReplayWindow      int           // RELAY_REPLAY_WINDOW, default 10000 events
 	ReplayWindowBytes int           // RELAY_REPLAY_WINDOW_BYTES, default 67108864
@@ -86,6 +87,8 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.WriteTimeout, err = positiveDuration(v); return }},
 	{"RELAY_SUBSCRIBER_BUFFER", "256", "frames queued per viewer; a viewer whose queue is full is dropped",
 		func(c *Config, v string) (err error) { c.SubscriberBuffer, err = positiveInt(v); return }},
+	{"RELAY_SSE_FLUSH_INTERVAL", "5ms", "longest an event waits so that events close together reach a viewer in one write; 0 writes each at once",
+		func(c *Config, v string) (err error) { c.FlushInterval, err = nonNegativeDuration(v); return }},
 	{"RELAY_SSE_RETRY", "3s", "reconnection delay hinted to browsers with retry: once per stream",
 		func(c *Config, v string) (err error) { c.Retry, err = positiveDuration(v); return }},
 	{"RELAY_REPLAY_WINDOW", "10000", "events kept in memory for Last-Event-ID resumes; also read back from Kafka per partition at start-up",
@@ -218,6 +221,14 @@ func positiveInt(v string) (int, error) {
 		return 0, errors.New("want a positive integer")
 	}
 	return n, nil
+}
+
+func nonNegativeDuration(v string) (time.Duration, error) {
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		return 0, errors.New("want a duration such as 5ms, or 0")
+	}
+	return d, nil
 }
 
 func positiveDuration(v string) (time.Duration, error) {

@@ -157,25 +157,21 @@ func (v *viewer) live(b *batch, f *fanout.Frame) {
 	b.add(f.Bytes)
 }
 
-// queued writes first (if not nil) and up to limit frames already waiting
-// in the channel, in one write.
-func (v *viewer) queued(first *fanout.Frame, limit int) error {
-	b := getBatch()
-	defer b.release()
-	if first != nil {
-		v.live(b, first)
-	}
+// queued writes the frames waiting in the channel, up to maxBatch a write.
+func (v *viewer) queued() error {
 	frames := v.sub.Frames()
-more:
-	for range limit {
-		select {
-		case f := <-frames:
-			v.live(b, f)
-		default:
-			break more
+	for n := len(frames); n > 0; n -= maxBatch {
+		b := getBatch()
+		for range min(n, maxBatch) {
+			v.live(b, <-frames)
+		}
+		err := v.write(b)
+		b.release()
+		if err != nil {
+			return err
 		}
 	}
-	return v.write(b)
+	return nil
 }
 
 // responseHead is what net/http would have written for the stream.
@@ -233,8 +229,14 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 
 	keepalive := time.NewTimer(s.cfg.Keepalive)
 	defer keepalive.Stop()
-	frames := v.sub.Frames()
 	for {
+		// Wake before draining: a frame offered after this is flushed by
+		// closing wake or a later channel, so the select below sees it.
+		wake := v.sub.Wake()
+		if err := v.queued(); err != nil {
+			reason = v.writeFailed()
+			return
+		}
 		select {
 		case <-v.sub.Done():
 			switch v.sub.Reason() {
@@ -247,7 +249,7 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 			}
 			// Shutdown: hand over what is already queued, then end the
 			// response cleanly so the browser reconnects to another replica.
-			if err := v.queued(nil, len(frames)); err != nil {
+			if err := v.queued(); err != nil {
 				reason = v.writeFailed()
 				return
 			}
@@ -259,11 +261,7 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 			}
 			reason = reasonShutdown
 			return
-		case f := <-frames:
-			if err := v.queued(f, maxBatch-1); err != nil {
-				reason = v.writeFailed()
-				return
-			}
+		case <-wake:
 		case <-keepalive.C:
 			if quiet := time.Since(v.lastWrite); quiet < s.cfg.Keepalive {
 				keepalive.Reset(s.cfg.Keepalive - quiet) // frames went out meanwhile

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Sentinel errors.
@@ -49,8 +50,18 @@ func (r Reason) String() string {
 
 // Broadcaster offers frames to subscribers and keeps the replay window. The
 // zero value is not usable; call New.
+//
+// A frame is in every viewer's channel as soon as it is published, but the
+// viewers are woken to write it only at the next flush: FlushInterval after
+// the first unflushed frame, or at once when a quarter of a channel's
+// capacity is waiting. Waking a thousand goroutines and making a thousand
+// writes per event is most of what a viewer costs at moderate rates; frames
+// published within one interval go out in one wake-up and one write.
 type Broadcaster struct {
-	buffer int
+	buffer     int
+	flushEvery time.Duration
+	flushAfter int                           // unflushed events that force a flush
+	wake       atomic.Pointer[chan struct{}] // closed at the next flush
 
 	mu     sync.Mutex
 	subs   []*Subscription // index held in Subscription.idx, guarded by mu
@@ -59,6 +70,10 @@ type Broadcaster struct {
 	win    *window
 	topics map[string]uint32 // current topic hash (name and topic ID) per topic name
 	names  map[uint32]topicName
+	// unflushed counts events offered since the last flush; timer flushes
+	// them FlushInterval after the first.
+	unflushed int
+	timer     *time.Timer
 
 	published, delivered, dropped atomic.Uint64
 }
@@ -71,6 +86,9 @@ type Options struct {
 	// are evicted past either (defaults 10000 events, 64 MiB).
 	WindowEvents int
 	WindowBytes  int
+	// FlushInterval is the longest a published frame waits before its
+	// viewers are woken to write it; 0 wakes them at every event.
+	FlushInterval time.Duration
 }
 
 // Stats are running totals since New.
@@ -110,7 +128,14 @@ func New(o Options) *Broadcaster {
 	if o.WindowBytes < 1 {
 		o.WindowBytes = 64 << 20
 	}
-	return &Broadcaster{buffer: o.Buffer, pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes), topics: map[string]uint32{}, names: map[uint32]topicName{}}
+	b := &Broadcaster{
+		buffer: o.Buffer, flushEvery: max(o.FlushInterval, 0), flushAfter: max(o.Buffer/4, 1),
+		pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes),
+		topics: map[string]uint32{}, names: map[uint32]topicName{},
+	}
+	wake := make(chan struct{})
+	b.wake.Store(&wake)
+	return b
 }
 
 // Subscription is one viewer's bounded queue of frames.
@@ -127,6 +152,11 @@ type Subscription struct {
 
 // Frames yields the frames offered to this viewer, in publish order.
 func (s *Subscription) Frames() <-chan *Frame { return s.c }
+
+// Wake is closed at the next flush. A writer takes it, then drains Frames,
+// then waits on it: every frame offered after Wake was taken is followed
+// by the close of that channel or of a later one, so none waits unseen.
+func (s *Subscription) Wake() <-chan struct{} { return *s.b.wake.Load() }
 
 // Done is closed when the subscription ends, for whatever reason.
 func (s *Subscription) Done() <-chan struct{} { return s.done }
@@ -283,8 +313,37 @@ func (b *Broadcaster) Publish(ev Event) error {
 	b.published.Add(1)
 	if !ev.Backfill {
 		b.broadcastLocked(f)
+		b.unflushed++
+		switch {
+		case b.flushEvery == 0 || b.unflushed >= b.flushAfter:
+			b.flushLocked()
+		case b.unflushed == 1:
+			if b.timer == nil {
+				b.timer = time.AfterFunc(b.flushEvery, b.flush)
+			} else {
+				b.timer.Reset(b.flushEvery)
+			}
+		}
 	}
 	return nil
+}
+
+// flush is the timer's: it wakes the viewers for what waits.
+func (b *Broadcaster) flush() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.unflushed > 0 {
+		b.flushLocked()
+	}
+}
+
+func (b *Broadcaster) flushLocked() {
+	b.unflushed = 0
+	if b.timer != nil {
+		b.timer.Stop()
+	}
+	next := make(chan struct{})
+	close(*b.wake.Swap(&next))
 }
 
 func (b *Broadcaster) broadcastLocked(f *Frame) {
@@ -316,6 +375,7 @@ func (b *Broadcaster) Close() error {
 		return ErrClosed
 	}
 	b.closed = true
+	b.flushLocked()
 	for _, s := range b.subs {
 		s.end(ReasonShutdown)
 		s.idx = -1

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -230,4 +231,98 @@ func seqOf(t *testing.T, f *Frame) int {
 	}
 	n, _ := strconv.Atoi(s[j:i])
 	return n
+}
+
+func closed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+// Frames are queued at once but their viewers are woken only at a flush:
+// when a quarter of a queue is waiting, or FlushInterval after the first.
+func TestWakeAtFlush(t *testing.T) {
+	const buffer = 16
+	b := New(Options{Buffer: buffer, FlushInterval: time.Hour})
+	s := mustSubscribe(t, b, nil)
+	for i := range buffer/4 - 1 {
+		wake := s.Wake()
+		mustPublish(t, b, event(i))
+		if closed(wake) {
+			t.Fatalf("woken after %d events, want %d", i+1, buffer/4)
+		}
+	}
+	wake := s.Wake()
+	mustPublish(t, b, event(buffer/4-1))
+	if !closed(wake) || len(s.Frames()) != buffer/4 {
+		t.Fatalf("after %d events: woken %v, %d queued", buffer/4, closed(wake), len(s.Frames()))
+	}
+
+	b = New(Options{Buffer: buffer, FlushInterval: 20 * time.Millisecond})
+	s = mustSubscribe(t, b, nil)
+	wake = s.Wake()
+	start := time.Now()
+	mustPublish(t, b, event(0))
+	if closed(wake) || len(s.Frames()) != 1 {
+		t.Fatal("a single event woke the viewer before the interval")
+	}
+	<-wake
+	if waited := time.Since(start); waited < 20*time.Millisecond {
+		t.Fatalf("woken after %v, before the 20ms interval", waited)
+	}
+
+	b = New(Options{Buffer: buffer}) // no interval: every event wakes
+	s = mustSubscribe(t, b, nil)
+	wake = s.Wake()
+	mustPublish(t, b, event(0))
+	if !closed(wake) {
+		t.Fatal("FlushInterval 0: the event did not wake the viewer")
+	}
+	wake = s.Wake()
+	if err := b.Close(); err != nil || !closed(wake) {
+		t.Fatalf("Close: %v, wake closed %v", err, closed(wake))
+	}
+}
+
+// A writer that takes Wake, drains, then waits on it never misses a frame,
+// whatever the flush timing.
+func TestWakeLosesNothing(t *testing.T) {
+	const events = 5000
+	for _, every := range []time.Duration{0, 50 * time.Microsecond, time.Millisecond} {
+		b := New(Options{Buffer: events, FlushInterval: every})
+		s := mustSubscribe(t, b, nil)
+		got := make(chan int)
+		go func() {
+			n := 0
+			for n < events {
+				wake := s.Wake()
+				for range len(s.Frames()) {
+					<-s.Frames()
+					n++
+				}
+				if n < events {
+					<-wake
+				}
+			}
+			got <- n
+		}()
+		for i := range events {
+			mustPublish(t, b, event(i))
+			if i%100 == 0 {
+				time.Sleep(time.Duration(i%7) * 10 * time.Microsecond)
+			}
+		}
+		select {
+		case n := <-got:
+			if n != events {
+				t.Fatalf("interval %v: got %d of %d", every, n, events)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("interval %v: the writer was never woken for the last frames", every)
+		}
+		_ = b.Close()
+	}
 }
