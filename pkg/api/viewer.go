@@ -87,9 +87,13 @@ func (b *batch) add(frame []byte) {
 	b.size += len(frame)
 }
 
-func (b *batch) release() {
+func (b *batch) reset() {
 	clear(b.bufs)
 	b.bufs, b.size = b.bufs[:1], 0
+}
+
+func (b *batch) release() {
+	b.reset()
 	batchPool.Put(b)
 }
 
@@ -122,25 +126,32 @@ func (v *viewer) write(b *batch) error {
 	return err
 }
 
-// writeFrames sends frames in batches of maxBatch.
+// add adds frame to b, writing b first when it is full.
+func (v *viewer) add(b *batch, frame []byte) error {
+	if len(b.bufs) > maxBatch {
+		if err := v.write(b); err != nil {
+			return err
+		}
+		b.reset()
+	}
+	b.add(frame)
+	return nil
+}
+
+// writeFrames sends frames in writes of up to maxBatch.
 func (v *viewer) writeFrames(frames ...[]byte) error {
 	b := getBatch()
 	defer b.release()
 	for _, f := range frames {
-		b.add(f)
-		if len(b.bufs) > maxBatch {
-			if err := v.write(b); err != nil {
-				return err
-			}
-			clear(b.bufs)
-			b.bufs, b.size = b.bufs[:1], 0
+		if err := v.add(b, f); err != nil {
+			return err
 		}
 	}
 	return v.write(b)
 }
 
 // live adds a live frame to b unless the viewer saw it on another replica.
-func (v *viewer) live(b *batch, f *fanout.Frame) {
+func (v *viewer) live(b *batch, f *fanout.Frame) error {
 	if v.skip != nil {
 		if next, ok := v.skip[f.Key]; ok {
 			if f.Offset >= next-1 { // the last seen one or beyond: stop checking
@@ -150,28 +161,33 @@ func (v *viewer) live(b *batch, f *fanout.Frame) {
 				}
 			}
 			if f.Offset < next {
-				return
+				return nil
 			}
 		}
 	}
-	b.add(f.Bytes)
+	return v.add(b, f.Bytes)
 }
 
-// queued writes the frames waiting in the channel, up to maxBatch a write.
-func (v *viewer) queued() error {
-	frames := v.sub.Frames()
-	for n := len(frames); n > 0; n -= maxBatch {
-		b := getBatch()
-		for range min(n, maxBatch) {
-			v.live(b, <-frames)
+// queued writes first (if not nil) and the batches already waiting after
+// it, in writes of up to maxBatch frames.
+func (v *viewer) queued(first []*fanout.Frame) error {
+	b := getBatch()
+	defer b.release()
+	queue := v.sub.Batches()
+	for n := len(queue); first != nil || n > 0; n-- {
+		frames := first
+		if frames == nil {
+			frames = <-queue
 		}
-		err := v.write(b)
-		b.release()
-		if err != nil {
-			return err
+		first = nil
+		v.sub.Taken(frames)
+		for _, f := range frames {
+			if err := v.live(b, f); err != nil {
+				return err
+			}
 		}
 	}
-	return nil
+	return v.write(b)
 }
 
 // responseHead is what net/http would have written for the stream.
@@ -229,14 +245,8 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 
 	keepalive := time.NewTimer(s.cfg.Keepalive)
 	defer keepalive.Stop()
+	queue := v.sub.Batches()
 	for {
-		// Wake before draining: a frame offered after this is flushed by
-		// closing wake or a later channel, so the select below sees it.
-		wake := v.sub.Wake()
-		if err := v.queued(); err != nil {
-			reason = v.writeFailed()
-			return
-		}
 		select {
 		case <-v.sub.Done():
 			switch v.sub.Reason() {
@@ -249,7 +259,7 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 			}
 			// Shutdown: hand over what is already queued, then end the
 			// response cleanly so the browser reconnects to another replica.
-			if err := v.queued(); err != nil {
+			if err := v.queued(nil); err != nil {
 				reason = v.writeFailed()
 				return
 			}
@@ -261,7 +271,11 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 			}
 			reason = reasonShutdown
 			return
-		case <-wake:
+		case frames := <-queue:
+			if err := v.queued(frames); err != nil {
+				reason = v.writeFailed()
+				return
+			}
 		case <-keepalive.C:
 			if quiet := time.Since(v.lastWrite); quiet < s.cfg.Keepalive {
 				keepalive.Reset(s.cfg.Keepalive - quiet) // frames went out meanwhile

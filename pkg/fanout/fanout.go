@@ -51,17 +51,15 @@ func (r Reason) String() string {
 // Broadcaster offers frames to subscribers and keeps the replay window. The
 // zero value is not usable; call New.
 //
-// A frame is in every viewer's channel as soon as it is published, but the
-// viewers are woken to write it only at the next flush: FlushInterval after
-// the first unflushed frame, or at once when a quarter of a channel's
-// capacity is waiting. Waking a thousand goroutines and making a thousand
-// writes per event is most of what a viewer costs at moderate rates; frames
-// published within one interval go out in one wake-up and one write.
+// Published frames are offered at the next flush, all of them as one batch
+// in one channel send per viewer: FlushInterval after the first frame
+// waiting, or at once when maxFlush (or a quarter of a queue) are waiting.
+// A send, a wake-up and a write per event per viewer is most of what a
+// viewer costs at moderate rates; a batch costs the same once.
 type Broadcaster struct {
-	buffer     int
+	buffer     int // frames a viewer may have queued
 	flushEvery time.Duration
-	flushAfter int                           // unflushed events that force a flush
-	wake       atomic.Pointer[chan struct{}] // closed at the next flush
+	flushAfter int // waiting frames that force a flush
 
 	mu     sync.Mutex
 	subs   []*Subscription // index held in Subscription.idx, guarded by mu
@@ -70,10 +68,10 @@ type Broadcaster struct {
 	win    *window
 	topics map[string]uint32 // current topic hash (name and topic ID) per topic name
 	names  map[uint32]topicName
-	// unflushed counts events offered since the last flush; timer flushes
-	// them FlushInterval after the first.
-	unflushed int
-	timer     *time.Timer
+	// pending holds the frames published since the last flush; timer
+	// flushes them FlushInterval after the first.
+	pending []*Frame
+	timer   *time.Timer
 
 	published, delivered, dropped atomic.Uint64
 }
@@ -86,8 +84,8 @@ type Options struct {
 	// are evicted past either (defaults 10000 events, 64 MiB).
 	WindowEvents int
 	WindowBytes  int
-	// FlushInterval is the longest a published frame waits before its
-	// viewers are woken to write it; 0 wakes them at every event.
+	// FlushInterval is the longest a published frame waits to be offered
+	// with the frames after it; 0 offers every frame at once.
 	FlushInterval time.Duration
 }
 
@@ -128,35 +126,41 @@ func New(o Options) *Broadcaster {
 	if o.WindowBytes < 1 {
 		o.WindowBytes = 64 << 20
 	}
-	b := &Broadcaster{
-		buffer: o.Buffer, flushEvery: max(o.FlushInterval, 0), flushAfter: max(o.Buffer/4, 1),
+	return &Broadcaster{
+		buffer: o.Buffer, flushEvery: max(o.FlushInterval, 0), flushAfter: min(max(o.Buffer/4, 1), maxFlush),
 		pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes),
 		topics: map[string]uint32{}, names: map[uint32]topicName{},
 	}
-	wake := make(chan struct{})
-	b.wake.Store(&wake)
-	return b
 }
 
-// Subscription is one viewer's bounded queue of frames.
+// maxFlush bounds a batch: past it, waiting longer saves little and delays
+// every frame of the batch.
+const maxFlush = 64
+
+// Subscription is one viewer's bounded queue of frames, which come in
+// batches; the bound counts frames.
 type Subscription struct {
-	b     *Broadcaster
-	c     chan *Frame
-	done  chan struct{}
-	once  sync.Once
-	onEnd func(Reason)
+	b      *Broadcaster
+	c      chan []*Frame
+	queued atomic.Int64 // frames in c
+	done   chan struct{}
+	once   sync.Once
+	onEnd  func(Reason)
 	// reason is written once, before done is closed; read it after <-Done().
 	reason Reason
 	idx    int // in b.subs; -1 once removed; guarded by b.mu
 }
 
-// Frames yields the frames offered to this viewer, in publish order.
-func (s *Subscription) Frames() <-chan *Frame { return s.c }
+// Batches yields the frames offered to this viewer, in publish order, a
+// batch at a time. Batches are shared by every viewer: read them, never
+// change them. Hand each one received to Taken.
+func (s *Subscription) Batches() <-chan []*Frame { return s.c }
 
-// Wake is closed at the next flush. A writer takes it, then drains Frames,
-// then waits on it: every frame offered after Wake was taken is followed
-// by the close of that channel or of a later one, so none waits unseen.
-func (s *Subscription) Wake() <-chan struct{} { return *s.b.wake.Load() }
+// Taken frees the batch's room in the queue.
+func (s *Subscription) Taken(batch []*Frame) { s.queued.Add(-int64(len(batch))) }
+
+// Queued is how many frames wait in the queue.
+func (s *Subscription) Queued() int { return int(s.queued.Load()) }
 
 // Done is closed when the subscription ends, for whatever reason.
 func (s *Subscription) Done() <-chan struct{} { return s.done }
@@ -199,7 +203,7 @@ func (b *Broadcaster) subscribeLocked(onEnd func(Reason)) (*Subscription, error)
 	}
 	s := &Subscription{
 		b:     b,
-		c:     make(chan *Frame, b.buffer),
+		c:     make(chan []*Frame, b.buffer), // every batch holds a frame at least
 		done:  make(chan struct{}),
 		onEnd: onEnd,
 		idx:   len(b.subs),
@@ -261,6 +265,7 @@ type topicName struct {
 func (b *Broadcaster) SubscribeFrom(from Position, onEnd func(Reason)) (*Subscription, Resume, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.flushLocked() // the pending frames are before this viewer's position
 	s, err := b.subscribeLocked(onEnd)
 	if err != nil || from == nil {
 		return s, Resume{}, err
@@ -269,9 +274,9 @@ func (b *Broadcaster) SubscribeFrom(from Position, onEnd func(Reason)) (*Subscri
 }
 
 // Publish encodes ev once, with the stream position after it as its id, keeps
-// it in the replay window and offers it to every live subscriber without ever
-// blocking. A subscriber whose channel is full is ended with ReasonSlow and
-// removed. Call Publish from one goroutine: each partition's events must come
+// it in the replay window and offers it to every live subscriber at the next
+// flush, never blocking. A subscriber whose queue cannot take the batch is
+// ended with ReasonSlow and removed. Call Publish from one goroutine: each partition's events must come
 // in offset order. A backfill event (read at start-up, older than the
 // process) goes to the window only.
 func (b *Broadcaster) Publish(ev Event) error {
@@ -312,12 +317,14 @@ func (b *Broadcaster) Publish(ev Event) error {
 	b.win.add(f)
 	b.published.Add(1)
 	if !ev.Backfill {
-		b.broadcastLocked(f)
-		b.unflushed++
+		if b.pending == nil {
+			b.pending = make([]*Frame, 0, b.flushAfter)
+		}
+		b.pending = append(b.pending, f)
 		switch {
-		case b.flushEvery == 0 || b.unflushed >= b.flushAfter:
+		case b.flushEvery == 0 || len(b.pending) >= b.flushAfter:
 			b.flushLocked()
-		case b.unflushed == 1:
+		case len(b.pending) == 1:
 			if b.timer == nil {
 				b.timer = time.AfterFunc(b.flushEvery, b.flush)
 			} else {
@@ -328,39 +335,42 @@ func (b *Broadcaster) Publish(ev Event) error {
 	return nil
 }
 
-// flush is the timer's: it wakes the viewers for what waits.
+// flush is the timer's.
 func (b *Broadcaster) flush() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.unflushed > 0 {
-		b.flushLocked()
-	}
+	b.flushLocked()
 }
 
+// flushLocked offers the pending frames to every subscriber as one batch.
 func (b *Broadcaster) flushLocked() {
-	b.unflushed = 0
+	batch := b.pending
+	if len(batch) == 0 {
+		return
+	}
+	b.pending = nil // the batch now belongs to the viewers
 	if b.timer != nil {
 		b.timer.Stop()
 	}
-	next := make(chan struct{})
-	close(*b.wake.Swap(&next))
-}
-
-func (b *Broadcaster) broadcastLocked(f *Frame) {
+	n := int64(len(batch))
 	delivered, dropped := 0, 0
 	for i := 0; i < len(b.subs); {
 		s := b.subs[i]
-		select {
-		case s.c <- f:
-			delivered++
-			i++
-		default:
-			// Full: drop the viewer. removeLocked swaps the last one into i.
-			if s.end(ReasonSlow) {
-				dropped++
+		if s.queued.Load()+n <= int64(b.buffer) {
+			s.queued.Add(n)
+			select {
+			case s.c <- batch: // room: c holds buffer batches of a frame at least
+				delivered += len(batch)
+				i++
+				continue
+			default:
 			}
-			b.removeLocked(s)
 		}
+		// Full: drop the viewer. removeLocked swaps the last one into i.
+		if s.end(ReasonSlow) {
+			dropped++
+		}
+		b.removeLocked(s)
 	}
 	b.delivered.Add(uint64(delivered))
 	b.dropped.Add(uint64(dropped))

@@ -11,13 +11,18 @@ import (
 )
 
 // BenchmarkBroadcast measures the broadcast path at 1k and 10k viewers, each
-// drained by its own goroutine as the HTTP handlers do. One op is one event
+// drained by its own goroutine as the HTTP handlers do, with every frame
+// offered alone (flush=0) and with the relay's default flush interval. One op is one event
 // (encoded once) offered to every viewer; queues are drained before the
 // timer stops. Reports delivered frames/s and allocations per frame.
 func BenchmarkBroadcast(b *testing.B) {
-	for _, viewers := range []int{1000, 10000} {
-		b.Run(fmt.Sprintf("viewers=%d", viewers), func(b *testing.B) {
-			hub := New(Options{})
+	for _, c := range []struct {
+		viewers int
+		flush   time.Duration
+	}{{1000, 0}, {1000, 5 * time.Millisecond}, {10000, 5 * time.Millisecond}} {
+		viewers := c.viewers
+		b.Run(fmt.Sprintf("viewers=%d/flush=%v", viewers, c.flush), func(b *testing.B) {
+			hub := New(Options{FlushInterval: c.flush})
 			var received atomic.Int64
 			var wg sync.WaitGroup
 			subs := make([]*Subscription, viewers)
@@ -32,8 +37,9 @@ func BenchmarkBroadcast(b *testing.B) {
 					defer wg.Done()
 					for {
 						select {
-						case <-s.Frames():
-							received.Add(1)
+						case batch := <-s.Batches():
+							s.Taken(batch)
+							received.Add(int64(len(batch)))
 						case <-s.Done():
 							return
 						}

@@ -3,6 +3,7 @@ package fanout
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -26,6 +27,17 @@ func mustSubscribe(t *testing.T, b *Broadcaster, onEnd func(Reason)) *Subscripti
 		t.Fatalf("subscribe: %v", err)
 	}
 	return s
+}
+
+// one receives the next batch, which must hold one frame.
+func one(t *testing.T, s *Subscription) *Frame {
+	t.Helper()
+	batch := <-s.Batches()
+	s.Taken(batch)
+	if len(batch) != 1 {
+		t.Fatalf("batch of %d frames, want 1", len(batch))
+	}
+	return batch[0]
 }
 
 func mustPublish(t testing.TB, b *Broadcaster, ev Event) {
@@ -53,7 +65,7 @@ func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
 		want = append(want, f.Bytes)
 		mustPublish(t, b, ev)
 		for r, s := range readers {
-			got[r] = append(got[r], (<-s.Frames()).Bytes)
+			got[r] = append(got[r], one(t, s).Bytes)
 		}
 	}
 	for r := range readers {
@@ -77,8 +89,8 @@ func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
 	if stalled.Reason() != ReasonSlow || len(ended) != 1 || ended[0] != ReasonSlow {
 		t.Fatalf("stalled reason %v, onEnd calls %v; want one slow", stalled.Reason(), ended)
 	}
-	if len(stalled.Frames()) != buffer {
-		t.Fatalf("stalled viewer holds %d frames, want its full buffer %d", len(stalled.Frames()), buffer)
+	if stalled.Queued() != buffer {
+		t.Fatalf("stalled viewer holds %d frames, want its full buffer %d", stalled.Queued(), buffer)
 	}
 	if n := b.Stats().Subscribers; n != len(readers) {
 		t.Fatalf("%d subscribers left, want %d", n, len(readers))
@@ -157,8 +169,8 @@ func TestUnsubscribe(t *testing.T) {
 		t.Fatalf("reason %v len %d", s1.Reason(), b.Stats().Subscribers)
 	}
 	mustPublish(t, b, event(1))
-	if len(s1.Frames()) != 0 || len(s2.Frames()) != 1 || len(s3.Frames()) != 1 {
-		t.Fatalf("queued: %d %d %d", len(s1.Frames()), len(s2.Frames()), len(s3.Frames()))
+	if s1.Queued() != 0 || s2.Queued() != 1 || s3.Queued() != 1 {
+		t.Fatalf("queued: %d %d %d", s1.Queued(), s2.Queued(), s3.Queued())
 	}
 	s3.Close()
 	s2.Close()
@@ -190,18 +202,21 @@ func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
 				}
 				last := -1
 				for range 20 + w {
-					var f *Frame
+					var batch []*Frame
 					select {
-					case f = <-s.Frames():
+					case batch = <-s.Batches():
+						s.Taken(batch)
 					case <-stop:
 						s.Close()
 						return
 					}
-					seq := seqOf(t, f)
-					if last >= 0 && seq != last+1 {
-						t.Errorf("gap: %d after %d", seq, last)
+					for _, f := range batch {
+						seq := seqOf(t, f)
+						if last >= 0 && seq != last+1 {
+							t.Errorf("gap: %d after %d", seq, last)
+						}
+						last = seq
 					}
-					last = seq
 				}
 				s.Close()
 			}
@@ -233,81 +248,89 @@ func seqOf(t *testing.T, f *Frame) int {
 	return n
 }
 
-func closed(c <-chan struct{}) bool {
-	select {
-	case <-c:
-		return true
-	default:
-		return false
-	}
-}
-
-// Frames are queued at once but their viewers are woken only at a flush:
-// when a quarter of a queue is waiting, or FlushInterval after the first.
-func TestWakeAtFlush(t *testing.T) {
+// Published frames are offered at a flush, as one batch: when a quarter of
+// a queue (at most 64) is waiting, FlushInterval after the first, before a
+// new subscription (its position is after them) and at Close.
+func TestFlushBatches(t *testing.T) {
 	const buffer = 16
 	b := New(Options{Buffer: buffer, FlushInterval: time.Hour})
 	s := mustSubscribe(t, b, nil)
 	for i := range buffer/4 - 1 {
-		wake := s.Wake()
 		mustPublish(t, b, event(i))
-		if closed(wake) {
-			t.Fatalf("woken after %d events, want %d", i+1, buffer/4)
+		if s.Queued() != 0 {
+			t.Fatalf("offered after %d events, want %d", i+1, buffer/4)
 		}
 	}
-	wake := s.Wake()
 	mustPublish(t, b, event(buffer/4-1))
-	if !closed(wake) || len(s.Frames()) != buffer/4 {
-		t.Fatalf("after %d events: woken %v, %d queued", buffer/4, closed(wake), len(s.Frames()))
+	if batch := <-s.Batches(); len(batch) != buffer/4 || s.Queued() != buffer/4 {
+		t.Fatalf("after %d events: a batch of %d, %d queued", buffer/4, len(batch), s.Queued())
+	} else {
+		s.Taken(batch)
+	}
+	mustPublish(t, b, event(100))
+	late := mustSubscribe(t, b, nil)
+	if s.Queued() != 1 || late.Queued() != 0 {
+		t.Fatalf("subscribing with a frame pending: %d and %d queued, want 1 and 0", s.Queued(), late.Queued())
+	}
+	mustPublish(t, b, event(101))
+	if err := b.Close(); err != nil || s.Queued() != 2 || late.Queued() != 1 {
+		t.Fatalf("Close with a frame pending: %v, %d and %d queued, want 2 and 1", err, s.Queued(), late.Queued())
+	}
+
+	// The bound counts frames, not batches: 4 batches of 4 fill a queue of 16.
+	b = New(Options{Buffer: buffer, FlushInterval: time.Hour})
+	s = mustSubscribe(t, b, nil)
+	for i := range buffer {
+		mustPublish(t, b, event(i))
+	}
+	if s.Queued() != buffer || s.Reason() != ReasonNone {
+		t.Fatalf("full queue: %d queued, reason %v", s.Queued(), s.Reason())
+	}
+	for i := range buffer / 4 {
+		mustPublish(t, b, event(buffer+i))
+	}
+	if s.Reason() != ReasonSlow {
+		t.Fatalf("a batch past the bound: reason %v, want slow", s.Reason())
 	}
 
 	b = New(Options{Buffer: buffer, FlushInterval: 20 * time.Millisecond})
 	s = mustSubscribe(t, b, nil)
-	wake = s.Wake()
 	start := time.Now()
 	mustPublish(t, b, event(0))
-	if closed(wake) || len(s.Frames()) != 1 {
-		t.Fatal("a single event woke the viewer before the interval")
+	if s.Queued() != 0 {
+		t.Fatal("a single event was offered before the interval")
 	}
-	<-wake
+	if batch := <-s.Batches(); len(batch) != 1 {
+		t.Fatalf("a batch of %d after the interval, want 1", len(batch))
+	}
 	if waited := time.Since(start); waited < 20*time.Millisecond {
-		t.Fatalf("woken after %v, before the 20ms interval", waited)
+		t.Fatalf("offered after %v, before the 20ms interval", waited)
 	}
-
-	b = New(Options{Buffer: buffer}) // no interval: every event wakes
-	s = mustSubscribe(t, b, nil)
-	wake = s.Wake()
-	mustPublish(t, b, event(0))
-	if !closed(wake) {
-		t.Fatal("FlushInterval 0: the event did not wake the viewer")
-	}
-	wake = s.Wake()
-	if err := b.Close(); err != nil || !closed(wake) {
-		t.Fatalf("Close: %v, wake closed %v", err, closed(wake))
-	}
+	_ = b.Close()
 }
 
-// A writer that takes Wake, drains, then waits on it never misses a frame,
-// whatever the flush timing.
-func TestWakeLosesNothing(t *testing.T) {
+// A reader gets every frame once, in order, whatever the flush timing: the
+// last frames of a run come with the timer's flush.
+func TestFlushLosesNothing(t *testing.T) {
 	const events = 5000
 	for _, every := range []time.Duration{0, 50 * time.Microsecond, time.Millisecond} {
 		b := New(Options{Buffer: events, FlushInterval: every})
 		s := mustSubscribe(t, b, nil)
-		got := make(chan int)
+		got := make(chan error, 1)
 		go func() {
-			n := 0
-			for n < events {
-				wake := s.Wake()
-				for range len(s.Frames()) {
-					<-s.Frames()
-					n++
-				}
-				if n < events {
-					<-wake
+			next := 0
+			for next < events {
+				batch := <-s.Batches()
+				s.Taken(batch)
+				for _, f := range batch {
+					if seq := seqOf(t, f); seq != next {
+						got <- fmt.Errorf("frame %d after %d", seq, next-1)
+						return
+					}
+					next++
 				}
 			}
-			got <- n
+			got <- nil
 		}()
 		for i := range events {
 			mustPublish(t, b, event(i))
@@ -316,12 +339,12 @@ func TestWakeLosesNothing(t *testing.T) {
 			}
 		}
 		select {
-		case n := <-got:
-			if n != events {
-				t.Fatalf("interval %v: got %d of %d", every, n, events)
+		case err := <-got:
+			if err != nil {
+				t.Fatalf("interval %v: %v", every, err)
 			}
 		case <-time.After(10 * time.Second):
-			t.Fatalf("interval %v: the writer was never woken for the last frames", every)
+			t.Fatalf("interval %v: the last frames never came", every)
 		}
 		_ = b.Close()
 	}

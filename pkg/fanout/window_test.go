@@ -76,11 +76,11 @@ func TestIDsAndBackfill(t *testing.T) {
 	s := mustSubscribe(t, b, nil)
 	defer s.Close()
 	mustPublish(t, b, Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(`{}`), Offset: 7, Backfill: true})
-	if len(s.Frames()) != 0 {
+	if s.Queued() != 0 {
 		t.Fatal("backfill frame was broadcast")
 	}
 	mustPublish(t, b, Event{Topic: "identity.merged", Type: "merged", TS: "1", Payload: json.RawMessage(`{}`), Partition: 2, Offset: 3})
-	f := <-s.Frames()
+	f := one(t, s)
 	want := Position{KeyOf("identity.formed", [16]byte{}, 0): 8, KeyOf("identity.merged", [16]byte{}, 2): 4}.Encode()
 	if got := string(f.Bytes[:len("id: ")+len(want)+1]); got != "id: "+want+"\n" {
 		t.Fatalf("frame starts %q, want id %q", got, want)
