@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
-	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -26,6 +25,8 @@ import (
 // Sink takes decoded events in record order per partition.
 type Sink interface {
 	Publish(ev fanout.Event) error
+	// Behind reports that most viewers are far behind what was published.
+	Behind() bool
 }
 
 // Config holds what the consumer needs; the zero value of an optional field is its default.
@@ -60,6 +61,8 @@ type Consumer struct {
 	consumed *prometheus.CounterVec
 	skipped  *prometheus.CounterVec
 	lag      *prometheus.GaugeVec
+	paced    prometheus.Counter
+	paceLeft time.Duration // of maxPace, until the viewers catch up (Run's goroutine only)
 
 	errMu     sync.Mutex
 	lastError map[string]time.Time // rate-limits repeated fetch errors in the log
@@ -93,6 +96,7 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 		log:       cfg.Logger.With("component", "consumer"),
 		lastError: map[string]time.Time{},
 		recheck:   map[string]time.Time{},
+		paceLeft:  maxPace,
 		consumed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_records_consumed_total", Help: "Kafka records read, by topic.",
 		}, []string{"topic"}),
@@ -103,7 +107,11 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 			Name: "relay_consumer_lag", Help: "Records between the last one read and the high watermark, by partition.",
 		}, []string{"topic", "partition"}),
 	}
-	for _, col := range []prometheus.Collector{c.consumed, c.skipped, c.lag} {
+	c.paced = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "relay_consumer_paced_seconds_total",
+		Help: "Time the consumer waited because most viewers were far behind (the relay's writes, not Kafka, were the limit).",
+	})
+	for _, col := range []prometheus.Collector{c.consumed, c.skipped, c.lag, c.paced} {
 		if err := cfg.Registerer.Register(col); err != nil {
 			return nil, fmt.Errorf("consumer: metrics: %w", err)
 		}
@@ -125,8 +133,13 @@ const (
 	// metadataMaxAge bounds how long a newly created matching topic goes
 	// unnoticed, so that new topics are read within 10 s.
 	metadataMaxAge = 5 * time.Second
-	// yieldEvery is how many records the consumer publishes between yields.
-	yieldEvery = 128
+	// maxPace bounds the wait for viewers that are behind (pace). A burst
+	// or a catch-up after an outage reads thousands of records at once:
+	// without the wait it would fill every viewer's queue before any of
+	// them ran, and drop them all. The bound keeps many stalled viewers
+	// from holding the others back: past it the consumer reads on, and
+	// they are dropped as their queues fill.
+	maxPace = 100 * time.Millisecond
 )
 
 func (c *Consumer) clientOpts(start kgo.Offset) []kgo.Opt {
@@ -251,13 +264,9 @@ func (c *Consumer) Run(ctx context.Context) error {
 		c.followRecreated(ctx, fetches)
 		fetches.EachTopic(func(t kgo.FetchTopic) {
 			for _, p := range t.Partitions {
-				for i, r := range p.Records {
+				for _, r := range p.Records {
 					c.handle(r, t.TopicID)
-					if i%yieldEvery == yieldEvery-1 {
-						// A big fetch (a burst, a catch-up) would otherwise fill every
-						// viewer's queue before any viewer ran: let them drain.
-						runtime.Gosched()
-					}
+					c.pace(ctx)
 				}
 				if n := len(p.Records); n > 0 {
 					lag := p.HighWatermark - p.Records[n-1].Offset - 1
@@ -295,6 +304,22 @@ func (c *Consumer) handle(r *kgo.Record, topicID [16]byte) {
 	c.skipped.WithLabelValues(se.Reason).Inc()
 	c.log.Warn("record skipped", "topic", r.Topic, "partition", r.Partition,
 		"offset", r.Offset, "reason", se.Reason, "detail", se.Detail)
+}
+
+// pace waits while many viewers are behind: up to maxPace in all, until
+// they have caught up once. Run's goroutine only.
+func (c *Consumer) pace(ctx context.Context) {
+	if !c.sink.Behind() {
+		c.paceLeft = maxPace
+		return
+	}
+	for c.paceLeft > 0 && ctx.Err() == nil && c.sink.Behind() {
+		start := time.Now()
+		time.Sleep(time.Millisecond)
+		waited := time.Since(start)
+		c.paceLeft -= waited
+		c.paced.Add(waited.Seconds())
+	}
 }
 
 // followRecreated purges from the client every topic whose fetch fails with

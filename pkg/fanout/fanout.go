@@ -74,6 +74,7 @@ type Broadcaster struct {
 	timer   *time.Timer
 
 	published, delivered, dropped atomic.Uint64
+	behind                        atomic.Bool // many viewers were behind at the last flush
 }
 
 // Options size the broadcaster.
@@ -353,14 +354,17 @@ func (b *Broadcaster) flushLocked() {
 		b.timer.Stop()
 	}
 	n := int64(len(batch))
-	delivered, dropped := 0, 0
+	delivered, dropped, behind := 0, 0, 0
 	for i := 0; i < len(b.subs); {
 		s := b.subs[i]
-		if s.queued.Load()+n <= int64(b.buffer) {
+		if q := s.queued.Load() + n; q <= int64(b.buffer) {
 			s.queued.Add(n)
 			select {
 			case s.c <- batch: // room: c holds buffer batches of a frame at least
 				delivered += len(batch)
+				if b.isBehind(q) {
+					behind++
+				}
 				i++
 				continue
 			default:
@@ -374,7 +378,32 @@ func (b *Broadcaster) flushLocked() {
 	}
 	b.delivered.Add(uint64(delivered))
 	b.dropped.Add(uint64(dropped))
+	b.behind.Store(b.mostly(behind))
 }
+
+// Behind reports whether more than a quarter of the viewers have a quarter
+// of their queue or more to write: then the relay is reading faster than it
+// can write, not one viewer being slow, and reading on would drop many. The consumer waits
+// a little for them instead. Cheap while they are not behind: each flush
+// records the answer, and only a yes is checked again.
+func (b *Broadcaster) Behind() bool {
+	if !b.behind.Load() {
+		return false
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := 0
+	for _, s := range b.subs {
+		if b.isBehind(s.queued.Load() + int64(len(b.pending))) {
+			n++
+		}
+	}
+	b.behind.Store(b.mostly(n))
+	return b.behind.Load()
+}
+
+func (b *Broadcaster) isBehind(queued int64) bool { return queued >= int64(max(b.buffer/4, 1)) }
+func (b *Broadcaster) mostly(n int) bool          { return n > 0 && 4*n > len(b.subs) }
 
 // Close ends every subscription with ReasonShutdown and refuses new ones.
 // It is idempotent; it returns ErrClosed when already closed.

@@ -349,3 +349,39 @@ func TestFlushLosesNothing(t *testing.T) {
 		_ = b.Close()
 	}
 }
+
+// Behind says yes while more than a quarter of the viewers have a quarter
+// of their queue or more waiting, and follows them as they drain.
+func TestBehind(t *testing.T) {
+	const buffer = 16
+	b := New(Options{Buffer: buffer})
+	if b.Behind() {
+		t.Fatal("behind with no viewers")
+	}
+	subs := []*Subscription{mustSubscribe(t, b, nil), mustSubscribe(t, b, nil), mustSubscribe(t, b, nil), mustSubscribe(t, b, nil)}
+	for i := range buffer/4 - 1 {
+		mustPublish(t, b, event(i))
+	}
+	if b.Behind() {
+		t.Fatalf("behind with %d of %d queued", subs[0].Queued(), buffer)
+	}
+	mustPublish(t, b, event(buffer/4))
+	if !b.Behind() {
+		t.Fatalf("not behind with every viewer at %d of %d", subs[0].Queued(), buffer)
+	}
+	drain := func(s *Subscription) {
+		for s.Queued() > 0 {
+			s.Taken(<-s.Batches())
+		}
+	}
+	drain(subs[0])
+	drain(subs[1])
+	if !b.Behind() {
+		t.Fatal("not behind with half the viewers behind")
+	}
+	drain(subs[2])
+	if b.Behind() {
+		t.Fatal("behind with one viewer of four behind")
+	}
+	_ = b.Close()
+}
