@@ -170,18 +170,18 @@ func (v *viewer) live(b *batch, f *fanout.Frame) error {
 
 // queued writes first (if not nil) and the batches already waiting after
 // it, in writes of up to maxBatch frames.
-func (v *viewer) queued(first []*fanout.Frame) error {
+func (v *viewer) queued(first *fanout.Batch) error {
 	b := getBatch()
 	defer b.release()
 	queue := v.sub.Batches()
 	for n := len(queue); first != nil || n > 0; n-- {
-		frames := first
-		if frames == nil {
-			frames = <-queue
+		next := first
+		if next == nil {
+			next = <-queue
 		}
 		first = nil
-		v.sub.Taken(frames)
-		for _, f := range frames {
+		v.sub.Taken(next)
+		for _, f := range next.Frames {
 			if err := v.live(b, f); err != nil {
 				return err
 			}
@@ -271,8 +271,8 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 			}
 			reason = reasonShutdown
 			return
-		case frames := <-queue:
-			if err := v.queued(frames); err != nil {
+		case next := <-queue:
+			if err := v.queued(next); err != nil {
 				reason = v.writeFailed()
 				return
 			}

@@ -138,11 +138,16 @@ func New(o Options) *Broadcaster {
 // every frame of the batch.
 const maxFlush = 64
 
+// A Batch is frames offered to the viewers together, in publish order.
+// Every viewer gets the same one: read it, never change it.
+type Batch struct{ Frames []*Frame }
+
 // Subscription is one viewer's bounded queue of frames, which come in
-// batches; the bound counts frames.
+// batches; the bound counts frames. Its channel holds pointers: 8 bytes a
+// slot, most of an idle viewer's queue memory.
 type Subscription struct {
 	b      *Broadcaster
-	c      chan []*Frame
+	c      chan *Batch
 	queued atomic.Int64 // frames in c
 	done   chan struct{}
 	once   sync.Once
@@ -155,10 +160,10 @@ type Subscription struct {
 // Batches yields the frames offered to this viewer, in publish order, a
 // batch at a time. Batches are shared by every viewer: read them, never
 // change them. Hand each one received to Taken.
-func (s *Subscription) Batches() <-chan []*Frame { return s.c }
+func (s *Subscription) Batches() <-chan *Batch { return s.c }
 
 // Taken frees the batch's room in the queue.
-func (s *Subscription) Taken(batch []*Frame) { s.queued.Add(-int64(len(batch))) }
+func (s *Subscription) Taken(batch *Batch) { s.queued.Add(-int64(len(batch.Frames))) }
 
 // Queued is how many frames wait in the queue.
 func (s *Subscription) Queued() int { return int(s.queued.Load()) }
@@ -204,7 +209,7 @@ func (b *Broadcaster) subscribeLocked(onEnd func(Reason)) (*Subscription, error)
 	}
 	s := &Subscription{
 		b:     b,
-		c:     make(chan []*Frame, b.buffer), // every batch holds a frame at least
+		c:     make(chan *Batch, b.buffer), // every batch holds a frame at least
 		done:  make(chan struct{}),
 		onEnd: onEnd,
 		idx:   len(b.subs),
@@ -345,15 +350,15 @@ func (b *Broadcaster) flush() {
 
 // flushLocked offers the pending frames to every subscriber as one batch.
 func (b *Broadcaster) flushLocked() {
-	batch := b.pending
-	if len(batch) == 0 {
+	if len(b.pending) == 0 {
 		return
 	}
-	b.pending = nil // the batch now belongs to the viewers
+	batch := &Batch{Frames: b.pending}
+	b.pending = nil // the frames now belong to the viewers
 	if b.timer != nil {
 		b.timer.Stop()
 	}
-	n := int64(len(batch))
+	n := int64(len(batch.Frames))
 	delivered, dropped, behind := 0, 0, 0
 	for i := 0; i < len(b.subs); {
 		s := b.subs[i]
@@ -361,7 +366,7 @@ func (b *Broadcaster) flushLocked() {
 			s.queued.Add(n)
 			select {
 			case s.c <- batch: // room: c holds buffer batches of a frame at least
-				delivered += len(batch)
+				delivered += len(batch.Frames)
 				if b.isBehind(q) {
 					behind++
 				}

@@ -39,7 +39,7 @@ func BenchmarkBroadcast(b *testing.B) {
 						select {
 						case batch := <-s.Batches():
 							s.Taken(batch)
-							received.Add(int64(len(batch)))
+							received.Add(int64(len(batch.Frames)))
 						case <-s.Done():
 							return
 						}

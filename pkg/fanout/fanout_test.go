@@ -34,10 +34,10 @@ func one(t *testing.T, s *Subscription) *Frame {
 	t.Helper()
 	batch := <-s.Batches()
 	s.Taken(batch)
-	if len(batch) != 1 {
-		t.Fatalf("batch of %d frames, want 1", len(batch))
+	if len(batch.Frames) != 1 {
+		t.Fatalf("batch of %d frames, want 1", len(batch.Frames))
 	}
-	return batch[0]
+	return batch.Frames[0]
 }
 
 func mustPublish(t testing.TB, b *Broadcaster, ev Event) {
@@ -202,7 +202,7 @@ func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
 				}
 				last := -1
 				for range 20 + w {
-					var batch []*Frame
+					var batch *Batch
 					select {
 					case batch = <-s.Batches():
 						s.Taken(batch)
@@ -210,7 +210,7 @@ func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
 						s.Close()
 						return
 					}
-					for _, f := range batch {
+					for _, f := range batch.Frames {
 						seq := seqOf(t, f)
 						if last >= 0 && seq != last+1 {
 							t.Errorf("gap: %d after %d", seq, last)
@@ -262,8 +262,8 @@ func TestFlushBatches(t *testing.T) {
 		}
 	}
 	mustPublish(t, b, event(buffer/4-1))
-	if batch := <-s.Batches(); len(batch) != buffer/4 || s.Queued() != buffer/4 {
-		t.Fatalf("after %d events: a batch of %d, %d queued", buffer/4, len(batch), s.Queued())
+	if batch := <-s.Batches(); len(batch.Frames) != buffer/4 || s.Queued() != buffer/4 {
+		t.Fatalf("after %d events: a batch of %d, %d queued", buffer/4, len(batch.Frames), s.Queued())
 	} else {
 		s.Taken(batch)
 	}
@@ -300,8 +300,8 @@ func TestFlushBatches(t *testing.T) {
 	if s.Queued() != 0 {
 		t.Fatal("a single event was offered before the interval")
 	}
-	if batch := <-s.Batches(); len(batch) != 1 {
-		t.Fatalf("a batch of %d after the interval, want 1", len(batch))
+	if batch := <-s.Batches(); len(batch.Frames) != 1 {
+		t.Fatalf("a batch of %d after the interval, want 1", len(batch.Frames))
 	}
 	if waited := time.Since(start); waited < 20*time.Millisecond {
 		t.Fatalf("offered after %v, before the 20ms interval", waited)
@@ -322,7 +322,7 @@ func TestFlushLosesNothing(t *testing.T) {
 			for next < events {
 				batch := <-s.Batches()
 				s.Taken(batch)
-				for _, f := range batch {
+				for _, f := range batch.Frames {
 					if seq := seqOf(t, f); seq != next {
 						got <- fmt.Errorf("frame %d after %d", seq, next-1)
 						return
