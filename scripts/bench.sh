@@ -3,7 +3,7 @@
 # freshly started relay process (built with go build -o), with viewers and
 # a producer from cmd/relay-load.
 #
-#   scripts/bench.sh [--kfake] [--only 1,3,5] [--out DIR]
+#   scripts/bench.sh [--kfake] [--only 1,3,5] [--runs N] [--out DIR]
 #
 #   1  1,000 viewers, 400 events/s: latency p50/p99
 #   2  1,000 viewers, 1,000 events/s: keeps up?, p99, relay CPU-s per million frames
@@ -21,7 +21,10 @@
 # PostgreSQL comes from scripts/pg.sh; the script inserts the bench user.
 # Each scenario has its own topic, deleted at its end, so that every relay
 # starts with an empty replay window (its RSS before viewers is a baseline).
-# Each scenario prints its figures and the exact commands used; everything
+# With --runs N (BENCHMARKS.md uses 3) every selected scenario runs N times,
+# each time against a fresh relay, and the recap gives the median and range
+# of each figure (relay-load --median). Each scenario prints its figures and
+# the exact commands used; everything
 # (tables, JSON reports, relay logs, perf profiles) is kept in the output
 # directory. The services are left running for the next run; stop them with
 #   RELAY_TEST_STATE=... scripts/kafka.sh stop; RELAY_TEST_STATE=... scripts/pg.sh stop
@@ -59,11 +62,13 @@ EXTRA="${BENCH_EXTRA:-}"
 
 BROKER_MODE=kafka
 ONLY="1,2,3,4,5"
+RUNS=1
 OUT=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--kfake) BROKER_MODE=kfake ;;
 	--only) ONLY="$2"; shift ;;
+	--runs) RUNS="$2"; shift ;;
 	--out) OUT="$2"; shift ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
@@ -71,6 +76,7 @@ while [ $# -gt 0 ]; do
 	shift
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
+[[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive integer, not $RUNS"
 
 OUT="${OUT:-$RELAY_TEST_STATE/bench-$(date -u +%Y%m%dT%H%M%SZ)}"
 BIN="$RELAY_TEST_STATE/bench-bin"
@@ -115,7 +121,7 @@ log "broker ($BROKER_MODE) at $BROKERS; PostgreSQL at 127.0.0.1:$RELAY_TEST_PG_P
 # --- one scenario ------------------------------------------------------------
 # scenario NAME "RELAY_VAR=value ..." relay-load flags...
 scenario() {
-	local name="$1" relay_env="$2"
+	local name="$1$RUN_SUFFIX" relay_env="$2"
 	shift 2
 	local topic="identity.bench-$name-$RUN_TAG"
 	local env=(
@@ -157,7 +163,7 @@ scenario() {
 	echo "command:   RELAY_JWT_SECRET=\$SECRET $(printf '%q ' "${cmd[@]}")"
 
 	local perf_pid=""
-	if [ "$PERF" = 1 ] && { [ "$name" = 2 ] || [[ "$name" == 3* ]]; } && command -v perf >/dev/null; then
+	if [ "$PERF" = 1 ] && [[ "$name" == 2* || "$name" == 3* ]] && command -v perf >/dev/null; then
 		perf record -e cpu-clock -F 499 -g -p "$RELAY_PID" -o "$OUT/perf-$name.data" >/dev/null 2>&1 &
 		perf_pid=$!
 	fi
@@ -183,23 +189,35 @@ scenario() {
 	sleep 2 # let the closed connections leave the tables
 }
 
-want 1 && scenario 1 "" --viewers 1000 --rate 400 --duration "$DURATION" --warmup "$WARMUP"
-want 2 && scenario 2 "" --viewers 1000 --rate 1000 --duration "$DURATION" --warmup "$WARMUP"
-if want 3; then
-	# 20 million frames: give the viewers time to receive them all.
-	scenario 3a "" --viewers 1000 --burst 20000 --drain 180s
-	scenario 3b "RELAY_SUBSCRIBER_BUFFER=20480" --viewers 1000 --burst 20000 --drain 180s
-fi
-want 4 && scenario 4 "RELAY_SSE_KEEPALIVE=5s" --viewers 9000 --duration "$DURATION" --warmup 5s --keepalive 5s
-if want 5; then
-	# 4 KiB frames: a 16 KiB read buffer spares the tool a read per frame.
-	scenario 5a "" --viewers 1000 --stalled 100 --rate 100 --value-bytes 4096 --read-buffer 16384 --duration "$DURATION" --warmup "$WARMUP"
-	scenario 5b "" --viewers 1000 --stalled 0 --rate 100 --value-bytes 4096 --read-buffer 16384 --duration "$DURATION" --warmup "$WARMUP"
-fi
+for run in $(seq "$RUNS"); do
+	RUN_SUFFIX=""
+	[ "$RUNS" -gt 1 ] && RUN_SUFFIX="-r$run"
+	want 1 && scenario 1 "" --viewers 1000 --rate 400 --duration "$DURATION" --warmup "$WARMUP"
+	want 2 && scenario 2 "" --viewers 1000 --rate 1000 --duration "$DURATION" --warmup "$WARMUP"
+	if want 3; then
+		# 20 million frames: give the viewers time to receive them all.
+		scenario 3a "" --viewers 1000 --burst 20000 --drain 180s
+		scenario 3b "RELAY_SUBSCRIBER_BUFFER=20480" --viewers 1000 --burst 20000 --drain 180s
+	fi
+	want 4 && scenario 4 "RELAY_SSE_KEEPALIVE=5s" --viewers 9000 --duration "$DURATION" --warmup 5s --keepalive 5s
+	if want 5; then
+		# 4 KiB frames: a 16 KiB read buffer spares the tool a read per frame.
+		scenario 5a "" --viewers 1000 --stalled 100 --rate 100 --value-bytes 4096 --read-buffer 16384 --duration "$DURATION" --warmup "$WARMUP"
+		scenario 5b "" --viewers 1000 --stalled 0 --rate 100 --value-bytes 4096 --read-buffer 16384 --duration "$DURATION" --warmup "$WARMUP"
+	fi
+done
 
 # --- recap -------------------------------------------------------------------
 echo
 echo "################ recap ($OUT) ################"
+if [ "$RUNS" -gt 1 ]; then
+	for f in "$OUT"/s*-r1.json; do
+		[ -e "$f" ] || continue
+		base="${f%-r1.json}"
+		"$BIN/relay-load" --median "$base"-r*.json
+	done
+	exit 0
+fi
 for f in "$OUT"/s*.txt; do
 	[ -e "$f" ] || continue
 	head -n1 "$f"

@@ -79,6 +79,8 @@ type config struct {
 	KFakePort          int           `json:"-"`
 	KFakeFor           time.Duration `json:"-"`
 	Worker             bool          `json:"-"`
+	Median             bool          `json:"-"`
+	MedianOf           []string      `json:"-"`
 }
 
 func (c *config) producing() bool { return c.Rate > 0 || c.Burst > 0 }
@@ -144,12 +146,17 @@ func parseFlags(args []string, out io.Writer) (*config, error) {
 	fs.BoolVar(&c.KFake, "kfake", false, "serve an in-process Kafka (kfake) instead of running load; prints its address")
 	fs.IntVar(&c.KFakePort, "kfake-port", 0, "port of --kfake on 127.0.0.1 (0: any)")
 	fs.DurationVar(&c.KFakeFor, "kfake-for", 2*time.Hour, "--kfake exits after this long at the latest")
+	fs.BoolVar(&c.Median, "median", false, "print the median and range of each figure of the JSON reports named after the flags (runs of one scenario), then exit")
 	fs.BoolVar(&c.Worker, "worker", false, "internal: run as a worker process of a parent relay-load")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
 		}
 		return nil, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if c.Median {
+		c.MedianOf = fs.Args()
+		return c, nil
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
@@ -250,6 +257,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return err
 	}
 	switch {
+	case cfg.Median:
+		return runMedian(cfg.MedianOf, stdout)
 	case cfg.Worker:
 		return runWorker(stdin, stdout)
 	case cfg.KFake:
