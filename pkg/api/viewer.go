@@ -173,18 +173,24 @@ func (v *viewer) live(b *batch, f *fanout.Frame) error {
 func (v *viewer) queued(first *fanout.Batch) error {
 	b := getBatch()
 	defer b.release()
-	queue := v.sub.Batches()
-	for n := len(queue); first != nil || n > 0; n-- {
-		next := first
-		if next == nil {
-			next = <-queue
-		}
-		first = nil
+	take := func(next *fanout.Batch) error {
 		v.sub.Taken(next)
 		for _, f := range next.Frames {
 			if err := v.live(b, f); err != nil {
 				return err
 			}
+		}
+		return nil
+	}
+	if first != nil {
+		if err := take(first); err != nil {
+			return err
+		}
+	}
+	queue := v.sub.Batches()
+	for range len(queue) {
+		if err := take(<-queue); err != nil {
+			return err
 		}
 	}
 	return v.write(b)
