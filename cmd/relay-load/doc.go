@@ -88,10 +88,12 @@
 // --stalled-rcvbuf before connecting, read to their snapshot, then never
 // read again. The relay's close of such a connection cannot be seen from the
 // viewer's socket: its FIN waits behind the unread bytes. But the relay's
-// end of the connection is in the same network namespace, so the tool reads
-// /proc/net/tcp every --tcp-poll (100 ms) and follows, for each stalled
-// viewer, the relay's socket (local = relay address, remote = the viewer):
-//   - its send queue (tx_queue: written by the relay, not yet acknowledged)
+// end of the connection is in the same network namespace, so the tool lists
+// the host's TCP sockets every --tcp-poll (100 ms) with netlink sock_diag
+// (as ss does; /proc/net/tcp cost too much CPU on a machine the relay shares)
+// and follows, for each stalled viewer, the relay's socket (local = relay
+// address, remote = the viewer):
+//   - its send queue (written by the relay, not yet acknowledged)
 //     grows while the kernel buffers take the frames; the last time it grew
 //     is when the relay's writes started to block, so when the relay's
 //     per-viewer channel started to fill ("queue full after");

@@ -48,7 +48,7 @@ type stalledResult struct {
 	Index      int    `json:"index"`
 	Local      string `json:"local"`
 	SnapshotNs int64  `json:"snapshot_ns"`
-	// From the relay's side of the connection in /proc/net/tcp:
+	// From the relay's side of the connection (sock_diag):
 	Seen      bool   `json:"seen"`        // its socket was found
 	GrowNs    int64  `json:"grow_ns"`     // last time its send queue grew
 	MaxQueue  int64  `json:"max_queue"`   // largest send queue seen, bytes
@@ -81,6 +81,7 @@ type groupReport struct {
 	DropNs      []int64         `json:"drop_ns,omitempty"` // when each dropped reader's stream ended
 	ToolCPUSecs float64         `json:"tool_cpu_secs"`     // this process's CPU over the window
 	Stalled     []stalledResult `json:"stalled,omitempty"`
+	PollError   string          `json:"poll_error,omitempty"` // why stalled viewers' sockets could not be read
 }
 
 // group is a share of the viewers, in this process or in a worker.
@@ -240,6 +241,9 @@ func (g *localGroup) finish(expect []int64, deadline time.Time) (*groupReport, e
 		h.data(r.Latency)
 	}
 	winTo := g.winTo.Load()
+	if g.poller != nil && g.poller.err != nil {
+		r.PollError = g.poller.err.Error()
+	}
 	for _, v := range g.viewers {
 		if !v.connected {
 			continue
@@ -366,5 +370,8 @@ func mergeReports(a, b *groupReport) {
 	a.DropNs = append(a.DropNs, b.DropNs...)
 	a.ToolCPUSecs += b.ToolCPUSecs
 	a.Stalled = append(a.Stalled, b.Stalled...)
+	if a.PollError == "" {
+		a.PollError = b.PollError
+	}
 	sort.Slice(a.Stalled, func(i, j int) bool { return a.Stalled[i].Index < a.Stalled[j].Index })
 }

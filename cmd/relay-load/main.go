@@ -123,7 +123,7 @@ func parseFlags(args []string, out io.Writer) (*config, error) {
 	fs.IntVar(&c.ReadBuffer, "read-buffer", 4096, "bytes of each viewer's read buffer")
 	fs.IntVar(&c.StalledRcvBuf, "stalled-rcvbuf", 4096, "SO_RCVBUF of stalled viewers, bytes (the kernel doubles it)")
 	fs.DurationVar(&c.StalledDrain, "stalled-drain", 5*time.Second, "at the end, how long a stalled viewer reads to find its connection's end")
-	fs.DurationVar(&c.TCPPoll, "tcp-poll", 100*time.Millisecond, "how often /proc/net/tcp is read to see stalled viewers cut")
+	fs.DurationVar(&c.TCPPoll, "tcp-poll", 100*time.Millisecond, "how often the relay's sockets are read (netlink sock_diag) to see stalled viewers cut")
 	fs.StringVar(&brokers, "brokers", "127.0.0.1:9092", "Kafka bootstrap brokers, comma list")
 	fs.StringVar(&c.Topic, "topic", "identity.formed", "topic to produce to (created when absent)")
 	fs.IntVar(&c.Partitions, "partitions", 3, "partitions of the topic when the tool creates it (at most 64)")

@@ -3,8 +3,10 @@ package main
 import (
 	"fmt"
 	"math"
+	"net"
 	"strings"
 	"testing"
+	"time"
 )
 
 type recSink struct{ frames []string }
@@ -116,4 +118,49 @@ func BenchmarkParser(b *testing.B) {
 		b.Fatal("no frames parsed")
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(s.n), "ns/frame")
+}
+
+// tcpSockets sees both ends of a loopback connection, and the send queue
+// of the end whose peer does not read.
+func TestTCPSockets(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	// The client never reads: what the kernel buffers beyond its window stays queued.
+	_ = server.SetWriteDeadline(time.Now().Add(time.Second))
+	if n, _ := server.Write(make([]byte, 1<<20)); n == 0 {
+		t.Fatal("nothing written")
+	}
+	srv, cli := server.LocalAddr().(*net.TCPAddr), client.LocalAddr().(*net.TCPAddr)
+	socks, err := tcpSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := 0
+	for _, sk := range socks {
+		switch {
+		case sk.srcPort == uint16(srv.Port) && ipPortKey(sk.dstIP, sk.dstPort) == addrKey(cli):
+			found++
+			if sk.state != 1 || sk.sendQueue == 0 {
+				t.Errorf("server end: state %d, send queue %d; want ESTABLISHED and bytes queued", sk.state, sk.sendQueue)
+			}
+		case sk.srcPort == uint16(cli.Port) && sk.dstPort == uint16(srv.Port):
+			found++
+		}
+	}
+	if found != 2 {
+		t.Fatalf("found %d of the connection's 2 ends among %d sockets", found, len(socks))
+	}
 }

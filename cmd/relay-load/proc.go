@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
@@ -13,6 +14,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat;
@@ -166,24 +169,29 @@ func (sm *sampler) stop() []sample {
 	return sm.s
 }
 
-// tcpPoller watches the relay's end of each stalled viewer's connection in
-// /proc/net/tcp (the relay and the tool share the host's network
-// namespace). A stalled viewer never reads, so the relay's close cannot be
-// seen from the viewer's socket: its FIN waits behind the unread bytes. The
-// relay's socket shows it at once: it leaves ESTABLISHED (FIN_WAIT1, or is
-// gone). Its send queue (tx_queue: bytes written by the relay and not
-// acknowledged) grows while the kernel buffers take the frames; once it
-// stops growing, the relay's writes block and its per-viewer channel
-// fills. So grow_ns is when the channel began to fill and cut_ns when the
-// relay closed the connection, each within one poll interval.
+// tcpPoller watches the relay's end of each stalled viewer's connection
+// through the kernel's socket diagnostics (netlink sock_diag, what ss uses;
+// the relay and the tool share the host's network namespace). A stalled
+// viewer never reads, so the relay's close cannot be seen from the viewer's
+// socket: its FIN waits behind the unread bytes. The relay's socket shows
+// it at once: it leaves ESTABLISHED (FIN_WAIT1, or is gone). Its send queue
+// (bytes written by the relay and not acknowledged) grows while the kernel
+// buffers take the frames; once it stops growing, the relay's writes block
+// and its per-viewer queue fills. So grow_ns is when the queue began to
+// fill and cut_ns when the relay closed the connection, each within one
+// poll interval. (Reading /proc/net/tcp instead cost tens of milliseconds
+// of CPU per poll with a few thousand sockets, and that alone doubled the
+// readers' p99 in scenario 5.)
 type tcpPoller struct {
-	relayHex []byte
-	track    map[*viewer]*tcpTrack
-	byKey    map[uint64]*tcpTrack
-	every    time.Duration
-	stopc    chan struct{}
-	done     chan struct{}
-	gen      int
+	relayIP   [4]byte
+	relayPort uint16
+	track     map[*viewer]*tcpTrack
+	byKey     map[uint64]*tcpTrack
+	every     time.Duration
+	stopc     chan struct{}
+	done      chan struct{}
+	gen       int
+	err       error // the first failure to read the sockets, if any
 }
 
 type tcpTrack struct {
@@ -196,13 +204,14 @@ type tcpTrack struct {
 
 func startTCPPoller(relay *net.TCPAddr, stalled []*viewer, every, limit time.Duration) *tcpPoller {
 	tp := &tcpPoller{
-		relayHex: []byte(procAddr(relay)),
-		track:    map[*viewer]*tcpTrack{},
-		byKey:    map[uint64]*tcpTrack{},
-		every:    every,
-		stopc:    make(chan struct{}),
-		done:     make(chan struct{}),
+		relayPort: uint16(relay.Port),
+		track:     map[*viewer]*tcpTrack{},
+		byKey:     map[uint64]*tcpTrack{},
+		every:     every,
+		stopc:     make(chan struct{}),
+		done:      make(chan struct{}),
 	}
+	copy(tp.relayIP[:], relay.IP.To4())
 	for _, v := range stalled {
 		t := &tcpTrack{}
 		tp.track[v] = t
@@ -232,35 +241,26 @@ func (tp *tcpPoller) stop() {
 	<-tp.done
 }
 
-var tcpStates = map[string]string{
-	"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
-	"06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING",
+var tcpStates = map[uint8]string{
+	1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+	6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
 }
 
 func (tp *tcpPoller) poll() {
-	b, err := os.ReadFile("/proc/net/tcp")
+	socks, err := tcpSockets()
 	if err != nil {
+		if tp.err == nil {
+			tp.err = err
+		}
 		return
 	}
 	now := time.Now().UnixNano()
 	tp.gen++
-	for len(b) > 0 {
-		var line []byte
-		if i := bytes.IndexByte(b, '\n'); i >= 0 {
-			line, b = b[:i], b[i+1:]
-		} else {
-			line, b = b, nil
-		}
-		// "  12: 0100007F:1F90 0500007F:9C40 01 00001000:00000000 ..."
-		f := bytes.Fields(line)
-		if len(f) < 5 || !bytes.Equal(f[1], tp.relayHex) {
+	for _, sk := range socks {
+		if sk.srcIP != tp.relayIP || sk.srcPort != tp.relayPort {
 			continue
 		}
-		key, ok := parseProcAddr(f[2])
-		if !ok {
-			continue
-		}
-		t := tp.byKey[key]
+		t := tp.byKey[ipPortKey(sk.dstIP, sk.dstPort)]
 		if t == nil {
 			continue
 		}
@@ -269,15 +269,11 @@ func (tp *tcpPoller) poll() {
 		if t.cutNs != 0 {
 			continue
 		}
-		if st := string(f[3]); st != "01" {
-			t.cutNs, t.cutState = now, tcpStates[st]
+		if sk.state != 1 { // no longer ESTABLISHED
+			t.cutNs, t.cutState = now, tcpStates[sk.state]
 			continue
 		}
-		txq, _, _ := bytes.Cut(f[4], []byte(":"))
-		q, err := strconv.ParseInt(string(txq), 16, 64)
-		if err != nil {
-			continue
-		}
+		q := int64(sk.sendQueue)
 		if q > t.lastQ {
 			t.growNs = now
 		}
@@ -291,27 +287,81 @@ func (tp *tcpPoller) poll() {
 	}
 }
 
-// procAddr renders an IPv4 address as /proc/net/tcp does: the address as a
-// native-endian (little-endian here) 32-bit hex number, the port in hex.
-func procAddr(a *net.TCPAddr) string {
-	ip := a.IP.To4()
-	return fmt.Sprintf("%02X%02X%02X%02X:%04X", ip[3], ip[2], ip[1], ip[0], a.Port)
+// tcpSocket is what the poller needs of one IPv4 TCP socket.
+type tcpSocket struct {
+	state            uint8
+	srcIP, dstIP     [4]byte
+	srcPort, dstPort uint16
+	sendQueue        uint32
 }
 
+// tcpSockets lists the host's IPv4 TCP sockets in every state but LISTEN
+// and TIME_WAIT, with one netlink sock_diag dump (inet_diag_req_v2).
+func tcpSockets() ([]tcpSocket, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag socket: %w", err)
+	}
+	defer unix.Close(fd)
+	const hdrLen, reqLen = 16, 56
+	req := make([]byte, hdrLen+reqLen)
+	binary.NativeEndian.PutUint32(req[0:], uint32(len(req)))
+	binary.NativeEndian.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
+	binary.NativeEndian.PutUint16(req[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
+	binary.NativeEndian.PutUint32(req[8:], 1) // sequence number
+	req[hdrLen+0] = unix.AF_INET
+	req[hdrLen+1] = unix.IPPROTO_TCP
+	states := uint32(0xfff) &^ (1<<6 | 1<<10) // not TIME_WAIT, not LISTEN
+	binary.NativeEndian.PutUint32(req[hdrLen+4:], states)
+	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return nil, fmt.Errorf("sock_diag request: %w", err)
+	}
+	var out []tcpSocket
+	buf := make([]byte, 1<<16)
+	for {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if err != nil {
+			return nil, fmt.Errorf("sock_diag read: %w", err)
+		}
+		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+		if err != nil {
+			return nil, fmt.Errorf("sock_diag parse: %w", err)
+		}
+		for _, m := range msgs {
+			switch m.Header.Type {
+			case unix.NLMSG_DONE:
+				return out, nil
+			case unix.NLMSG_ERROR:
+				return nil, errors.New("sock_diag: the kernel refused the dump")
+			}
+			// inet_diag_msg: family, state, timer, retrans, then the socket
+			// id (ports big-endian, addresses in network order), then
+			// expires, rqueue, wqueue.
+			d := m.Data
+			if len(d) < 64 {
+				continue
+			}
+			sk := tcpSocket{
+				state:     d[1],
+				srcPort:   binary.BigEndian.Uint16(d[4:]),
+				dstPort:   binary.BigEndian.Uint16(d[6:]),
+				sendQueue: binary.NativeEndian.Uint32(d[60:]),
+			}
+			copy(sk.srcIP[:], d[8:12])
+			copy(sk.dstIP[:], d[24:28])
+			out = append(out, sk)
+		}
+	}
+}
+
+// addrKey names a viewer's local address; ipPortKey the same from a
+// socket's remote end.
 func addrKey(a *net.TCPAddr) uint64 {
-	ip := a.IP.To4()
-	return uint64(ip[3])<<40 | uint64(ip[2])<<32 | uint64(ip[1])<<24 | uint64(ip[0])<<16 | uint64(a.Port)
+	var ip [4]byte
+	copy(ip[:], a.IP.To4())
+	return ipPortKey(ip, uint16(a.Port))
 }
 
-func parseProcAddr(b []byte) (uint64, bool) {
-	h, p, ok := bytes.Cut(b, []byte(":"))
-	if !ok || len(h) != 8 {
-		return 0, false
-	}
-	ip, err1 := strconv.ParseUint(string(h), 16, 32)
-	port, err2 := strconv.ParseUint(string(p), 16, 16)
-	if err1 != nil || err2 != nil {
-		return 0, false
-	}
-	return ip<<16 | port, true
+func ipPortKey(ip [4]byte, port uint16) uint64 {
+	return uint64(ip[0])<<40 | uint64(ip[1])<<32 | uint64(ip[2])<<24 | uint64(ip[3])<<16 | uint64(port)
 }

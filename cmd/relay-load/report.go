@@ -312,6 +312,9 @@ func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, 
 	if d.ErrorEvents > 0 {
 		r.Notes = append(r.Notes, fmt.Sprintf("%d error events (Stream interrupted)", d.ErrorEvents))
 	}
+	if all.PollError != "" {
+		r.Notes = append(r.Notes, "stalled viewers' sockets could not be read, their cut times are missing: "+all.PollError)
+	}
 }
 
 func stalledFigures(list []stalledResult, prodStart int64, poll time.Duration) *stalledReport {
