@@ -31,7 +31,7 @@ func runMedian(files []string, stdout io.Writer) error {
 		get  func(r *report) (float64, bool)
 		unit string
 	}{
-		{"frames/s", func(r *report) (float64, bool) { return r.Delivery.FramesPerSec, true }, ""},
+		{"frames/s", func(r *report) (float64, bool) { return r.Delivery.FramesPerSec, r.Mode != "idle" }, ""},
 		{"latency p50", func(r *report) (float64, bool) { return r.Latency.P50Ms, r.Latency.Count > 0 }, " ms"},
 		{"latency p99", func(r *report) (float64, bool) { return r.Latency.P99Ms, r.Latency.Count > 0 }, " ms"},
 		{"latency p99.9", func(r *report) (float64, bool) { return r.Latency.P999Ms, r.Latency.Count > 0 }, " ms"},
@@ -51,7 +51,11 @@ func runMedian(files []string, stdout io.Writer) error {
 			return stalledMax(r), r.Stalled != nil && r.Stalled.Count > 0
 		}, " s"},
 	}
-	fmt.Fprintf(stdout, "== %s: median of %d runs (min–max) ==\n", reps[0].Label, len(reps))
+	label := reps[0].Label
+	if i := strings.LastIndex(label, "-r"); i > 0 { // bench.sh --runs names run k "<scenario>-rk"
+		label = label[:i]
+	}
+	fmt.Fprintf(stdout, "== %s: median of %d runs (min–max) ==\n", label, len(reps))
 	for _, f := range figures {
 		var v []float64
 		for _, r := range reps {
@@ -67,9 +71,13 @@ func runMedian(files []string, stdout io.Writer) error {
 	}
 	var keeps []string
 	for _, r := range reps {
-		keeps = append(keeps, fmt.Sprint(r.KeepsUp != nil && *r.KeepsUp))
+		if r.KeepsUp != nil {
+			keeps = append(keeps, fmt.Sprint(*r.KeepsUp))
+		}
 	}
-	fmt.Fprintf(stdout, "  %-38s %s\n", "kept up", strings.Join(keeps, ", "))
+	if len(keeps) > 0 {
+		fmt.Fprintf(stdout, "  %-38s %s\n", "kept up", strings.Join(keeps, ", "))
+	}
 	return nil
 }
 
