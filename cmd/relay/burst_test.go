@@ -21,8 +21,10 @@ import (
 // frames. Without that wait, the consumer fills every queue before any
 // viewer runs and drops them all.
 func TestBurstLargerThanQueuesDropsNoReader(t *testing.T) {
-	const viewers, burst = 40, 20000
-	env, topic := resumeEnv(t, map[string]string{"RELAY_SSE_MAX_PER_USER": "100"})
+	const viewers, burst = 30, 12000
+	// Queues of 1,024 frames: the burst is 12 times that, and a reader that
+	// the test machine starves for a moment has room to catch up.
+	env, topic := resumeEnv(t, map[string]string{"RELAY_SSE_MAX_PER_USER": "100", "RELAY_SUBSCRIBER_BUFFER": "1024"})
 	r, _ := startOnTopic(t, env, topic, 1)
 	token := viewerToken(t)
 	streams := make([]*relaytest.Stream, viewers)
