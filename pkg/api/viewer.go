@@ -223,6 +223,15 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 			reason = reasonInternal
 		}
 		v.sub.Close()
+		if reason == reasonSlow {
+			// Reset instead of a graceful close: the kernel would otherwise keep
+			// the unsent frames (up to tcp_wmem's maximum, 4 MiB by default) for
+			// a viewer that is not reading, and send them whenever it does. It
+			// resumes from its last whole frame either way.
+			if l, ok := v.conn.(interface{ SetLinger(int) error }); ok {
+				_ = l.SetLinger(0)
+			}
+		}
 		_ = v.conn.Close()
 		s.limits.release(v.user)
 		s.m.connected.Dec()
