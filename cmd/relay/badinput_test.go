@@ -13,6 +13,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -498,7 +500,12 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 		}
 		produced += len(recs)
 	}
-	closeStalled() // the relay closed its ends; free what the kernel still queues
+	// The relay reset its ends: none lingers closing with unsent bytes (a
+	// graceful close would leave every stalled viewer's in FIN_WAIT1).
+	if n := closingSockets(t, r.URL); n != 0 {
+		t.Fatalf("%d of the relay's sockets are closing with bytes queued, want 0: dropped viewers must be reset", n)
+	}
+	closeStalled()
 	for slowest() < int64(produced) {
 		if time.Now().After(deadline) {
 			t.Fatalf("readers stuck at %d of %d events", slowest(), produced)
@@ -548,4 +555,36 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	if peak.Load() >= shared {
 		t.Fatalf("peak VmRSS %s over the shared-frame bound %s: frames copied per viewer?", mib(peak.Load()), mib(shared))
 	}
+}
+
+// closingSockets counts the relay's TCP sockets (local port that of
+// baseURL) that are closed by the relay but not gone: FIN_WAIT1, FIN_WAIT2,
+// CLOSING or LAST_ACK in /proc/net/tcp.
+func closingSockets(t *testing.T, baseURL string) int {
+	t.Helper()
+	u, err := url.Parse(baseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port, err := strconv.Atoi(u.Port())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Skipf("no /proc/net/tcp: %v", err)
+	}
+	suffix := fmt.Sprintf(":%04X", port)
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 || !strings.HasSuffix(f[1], suffix) {
+			continue
+		}
+		switch f[3] { // st
+		case "04", "05", "09", "0B":
+			n++
+		}
+	}
+	return n
 }
