@@ -61,10 +61,10 @@ func TestBurstLargerThanQueuesDropsNoReader(t *testing.T) {
 			t.Errorf("viewer %d: %v", i, err)
 		}
 	}
+	t.Logf("waited for viewers: %.3fs", relaytest.Metric(t, r.URL, "relay_consumer_paced_seconds_total"))
 	if n := relaytest.Metric(t, r.URL, `relay_viewer_disconnects_total{reason="slow"}`); n != 0 {
 		t.Fatalf("%v viewers dropped as slow", n)
 	}
-	t.Logf("waited for viewers: %.3fs", relaytest.Metric(t, r.URL, "relay_consumer_paced_seconds_total"))
 }
 
 // readSeqs reads event frames until it has seqs 0..n-1, in order.
