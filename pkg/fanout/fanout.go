@@ -383,14 +383,14 @@ func (b *Broadcaster) flushLocked() {
 	}
 	b.delivered.Add(uint64(delivered))
 	b.dropped.Add(uint64(dropped))
-	b.behind.Store(b.mostly(behind))
+	b.behind.Store(b.many(behind))
 }
 
 // Behind reports whether more than a quarter of the viewers have a quarter
 // of their queue or more to write: then the relay is reading faster than it
-// can write, not one viewer being slow, and reading on would drop many. The consumer waits
-// a little for them instead. Cheap while they are not behind: each flush
-// records the answer, and only a yes is checked again.
+// can write, not one viewer being slow, and reading on would drop many. The
+// consumer waits a little for them instead. Cheap while they are not
+// behind: each flush records the answer, and only a yes is checked again.
 func (b *Broadcaster) Behind() bool {
 	if !b.behind.Load() {
 		return false
@@ -403,12 +403,12 @@ func (b *Broadcaster) Behind() bool {
 			n++
 		}
 	}
-	b.behind.Store(b.mostly(n))
+	b.behind.Store(b.many(n))
 	return b.behind.Load()
 }
 
 func (b *Broadcaster) isBehind(queued int64) bool { return queued >= int64(max(b.buffer/4, 1)) }
-func (b *Broadcaster) mostly(n int) bool          { return n > 0 && 4*n > len(b.subs) }
+func (b *Broadcaster) many(n int) bool            { return n > 0 && 4*n > len(b.subs) }
 
 // Close ends every subscription with ReasonShutdown and refuses new ones.
 // It is idempotent; it returns ErrClosed when already closed.
