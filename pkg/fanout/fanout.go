@@ -282,9 +282,9 @@ func (b *Broadcaster) SubscribeFrom(from Position, onEnd func(Reason)) (*Subscri
 // Publish encodes ev once, with the stream position after it as its id, keeps
 // it in the replay window and offers it to every live subscriber at the next
 // flush, never blocking. A subscriber whose queue cannot take the batch is
-// ended with ReasonSlow and removed. Call Publish from one goroutine: each partition's events must come
-// in offset order. A backfill event (read at start-up, older than the
-// process) goes to the window only.
+// ended with ReasonSlow and removed. Call Publish from one goroutine: each
+// partition's events must come in offset order. A backfill event (read at
+// start-up, older than the process) goes to the window only.
 func (b *Broadcaster) Publish(ev Event) error {
 	key := KeyOf(ev.Topic, ev.TopicID, ev.Partition)
 	b.mu.Lock()
