@@ -99,7 +99,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		JWTSecret: []byte(secret), JWTIssuer: cfg.JWTIssuer, JWTAudience: cfg.JWTAudience,
 		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
 		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
-		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, AuthCacheTTL: 10 * time.Second,
+		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, SendBuffer: cfg.SendBuffer, AuthCacheTTL: 10 * time.Second,
 		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
 		History: consumer.NewHistory(consCfg, historyReads, historyMaxRecords),
 	}, st, hub)

@@ -38,6 +38,7 @@ type Config struct {
 	WriteTimeout      time.Duration // RELAY_SSE_WRITE_TIMEOUT, default 10s
 	SubscriberBuffer  int           // RELAY_SUBSCRIBER_BUFFER, default 256 frames
 	FlushInterval     time.Duration // RELAY_SSE_FLUSH_INTERVAL, default 5ms; 0 writes every event at once
+	SendBuffer        int           // RELAY_SSE_SEND_BUFFER, bytes, default 1048576; 0 leaves the kernel's autotuning
 	Retry             time.Duration // RELAY_SSE_RETRY, default 3s
 	ReplayWindow      int           // RELAY_REPLAY_WINDOW, default 10000 events
 	ReplayWindowBytes int           // RELAY_REPLAY_WINDOW_BYTES, default 67108864
@@ -89,6 +90,8 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.SubscriberBuffer, err = positiveInt(v); return }},
 	{"RELAY_SSE_FLUSH_INTERVAL", "5ms", "longest an event waits so that events close together reach a viewer in one write; 0 writes each at once",
 		func(c *Config, v string) (err error) { c.FlushInterval, err = nonNegativeDuration(v); return }},
+	{"RELAY_SSE_SEND_BUFFER", "1048576", "kernel send buffer per stream (SO_SNDBUF), bytes: bounds a stalled viewer's kernel memory; 0 leaves it to the kernel (up to tcp_wmem's maximum)",
+		func(c *Config, v string) (err error) { c.SendBuffer, err = nonNegativeInt(v); return }},
 	{"RELAY_SSE_RETRY", "3s", "reconnection delay hinted to browsers with retry: once per stream",
 		func(c *Config, v string) (err error) { c.Retry, err = positiveDuration(v); return }},
 	{"RELAY_REPLAY_WINDOW", "10000", "events kept in memory for Last-Event-ID resumes; also read back from Kafka per partition at start-up",
@@ -219,6 +222,14 @@ func positiveInt(v string) (int, error) {
 	n, err := strconv.Atoi(v)
 	if err != nil || n <= 0 {
 		return 0, errors.New("want a positive integer")
+	}
+	return n, nil
+}
+
+func nonNegativeInt(v string) (int, error) {
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 {
+		return 0, errors.New("want a non-negative integer")
 	}
 	return n, nil
 }

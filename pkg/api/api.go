@@ -65,6 +65,8 @@ type Config struct {
 	DBTimeout time.Duration
 	// WriteTimeout bounds each write to a viewer; a viewer that takes longer is cut.
 	WriteTimeout time.Duration
+	// SendBuffer, if not 0, is each stream's SO_SNDBUF in bytes.
+	SendBuffer int
 	// AuthCacheTTL is how long user rows and revocations are cached (CONTRACT.md allows 10 s).
 	AuthCacheTTL time.Duration
 	Logger       *slog.Logger

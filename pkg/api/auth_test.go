@@ -11,6 +11,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -155,8 +156,25 @@ type harness struct {
 	client *http.Client
 	logs   *lockedBuffer
 
-	mu     sync.Mutex
-	tokens []string // every credential sent, to look for in the logs
+	mu       sync.Mutex
+	tokens   []string   // every credential sent, to look for in the logs
+	accepted []net.Conn // the server's side of every connection
+}
+
+// recordingListener hands h every connection the server accepts.
+type recordingListener struct {
+	net.Listener
+	h *harness
+}
+
+func (l recordingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.h.mu.Lock()
+		l.h.accepted = append(l.h.accepted, c)
+		l.h.mu.Unlock()
+	}
+	return c, err
 }
 
 // testConfig is the configuration of the tests: CONTRACT.md's defaults.
@@ -189,13 +207,26 @@ func newHarness(t *testing.T, store *fakeStore, mod func(*Config)) *harness {
 		t.Fatalf("New: %v", err)
 	}
 	h.srv = srv
-	ts := httptest.NewServer(srv.Handler())
+	ts := httptest.NewUnstartedServer(srv.Handler())
+	ts.Listener = recordingListener{ts.Listener, h}
+	ts.Start()
 	t.Cleanup(ts.Close)
 	h.url = ts.URL + EventsPath
 	h.client = &http.Client{Transport: &http.Transport{}}
 	t.Cleanup(h.client.CloseIdleConnections)
 	t.Cleanup(func() { _ = h.broker.Close() }) // runs first: ends open streams
 	return h
+}
+
+// waitReturned waits until a handler has returned: it logs the request last.
+func (h *harness) waitReturned(t *testing.T) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(h.logs.String(), `"msg":"request"`); {
+		if time.Now().After(deadline) {
+			t.Fatal("the handler never returned")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // checkLogs asserts that the logs were captured and hold no credential.
@@ -809,13 +840,7 @@ func TestStreamRefusedAfterTakeover(t *testing.T) {
 		t.Fatalf("got %d %q, want the connection closed", resp.StatusCode, body)
 	}
 	h.waitOpen(t, "u-viewer", 0)
-	// The handler logs last, once it has returned: after that no slot can move.
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(h.logs.String(), `"msg":"request"`); {
-		if time.Now().After(deadline) {
-			t.Fatal("the handler never returned")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	h.waitReturned(t) // after that no slot can move
 	h.srv.limits.mu.Lock()
 	total := h.srv.limits.total
 	h.srv.limits.mu.Unlock()
