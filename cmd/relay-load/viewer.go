@@ -113,18 +113,28 @@ func (v *viewer) run(ctx, cctx context.Context, sem chan struct{}, connected cha
 	}
 }
 
+// endCheck is how long a reader waits for data before reading once more
+// anyway (see readAll).
+const endCheck = time.Second
+
 // readAll feeds the parser until the stream ends. It reads the socket
 // itself: a read shorter than buf emptied the socket, so it waits for the
 // next data at once instead of making the read that would only return
 // EAGAIN, as net.Conn.Read does. That halves the tool's reads, whose cost
 // would otherwise be taken from the relay it shares the machine with.
+//
+// But the relay's reset (or FIN) may arrive with the last data, before the
+// read: then that read is short, the end is only seen by the next read, and
+// no further readiness would wake the wait. So the wait has a deadline:
+// after endCheck without data, one more read looks. A dropped viewer's end
+// is seen at once, or within endCheck.
 func (v *viewer) readAll(buf []byte) error {
 	rc, err := v.conn.SyscallConn()
 	if err != nil {
 		return err
 	}
 	var rerr error
-	err = rc.Read(func(fd uintptr) bool {
+	read := func(fd uintptr) bool {
 		for {
 			n, err := unix.Read(int(fd), buf)
 			switch {
@@ -148,7 +158,16 @@ func (v *viewer) readAll(buf []byte) error {
 				return true
 			}
 		}
-	})
+	}
+	for {
+		if err := v.conn.SetReadDeadline(time.Now().Add(endCheck)); err != nil {
+			return err
+		}
+		err = rc.Read(read) // read first, then wait
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+	}
 	if err != nil { // the connection was closed (the tool ending the run)
 		return err
 	}
