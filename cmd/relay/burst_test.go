@@ -33,6 +33,16 @@ func TestBurstLargerThanQueuesDropsNoReader(t *testing.T) {
 		streams[i].ExpectStart(t)
 	}
 
+	// Readers read from the start, as browsers do.
+	var wg sync.WaitGroup
+	errs := make([]error, viewers)
+	for i, s := range streams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = readSeqs(s, burst)
+		}()
+	}
 	// One produce call: the broker has the whole burst before the relay's
 	// next fetch, which then returns thousands of records at once.
 	records := make([]*kgo.Record, burst)
@@ -46,15 +56,6 @@ func TestBurstLargerThanQueuesDropsNoReader(t *testing.T) {
 		t.Fatalf("produce the burst: %v", err)
 	}
 
-	var wg sync.WaitGroup
-	errs := make([]error, viewers)
-	for i, s := range streams {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = readSeqs(s, burst)
-		}()
-	}
 	wg.Wait()
 	for i, err := range errs {
 		if err != nil {
