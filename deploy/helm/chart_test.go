@@ -949,6 +949,24 @@ func TestExplicitGracePeriod(t *testing.T) {
 	}
 }
 
+// TestGoMaxProcs guards that goMaxProcs reaches the container as GOMAXPROCS, and that by default
+// the variable is not set (Go's own default applies).
+func TestGoMaxProcs(t *testing.T) {
+	requireHelm(t)
+	for _, tc := range []struct{ set, want string }{{"", ""}, {"goMaxProcs=1", "1"}} {
+		args := []string{"--set", "existingSecret.name=" + secretName}
+		if tc.set != "" {
+			args = append(args, "--set", tc.set)
+		}
+		b := mustRender(t, args...)
+		c := relayContainer(t, b.deployments[0])
+		if got, _ := envValue(t, b, c, "GOMAXPROCS"); got != tc.want {
+			t.Errorf("--set %q: GOMAXPROCS %q, want %q", tc.set, got, tc.want)
+		}
+		checkInvariants(t, b, secretName)
+	}
+}
+
 // TestValuesDocumented guards the rule that every key in values.yaml carries a comment: each key
 // line is directly under a comment block, unless it sits inside the default value of a key whose
 // comment starts with "# --" (that comment documents the whole value, e.g. resources).
