@@ -31,10 +31,10 @@
 #
 # Settings (environment):
 #   RELAY_TEST_STATE                 state root of Kafka and PostgreSQL (/tmp/relay-bench)
-#   RELAY_TEST_KAFKA_PORT            broker port, also kfake's (59192)
-#   RELAY_TEST_KAFKA_CONTROLLER_PORT controller port (59193)
-#   RELAY_TEST_PG_PORT               PostgreSQL port (55435)
-#   BENCH_RELAY_PORT                 the relay's port (59180)
+#   RELAY_TEST_KAFKA_PORT            broker port, also kfake's (61192)
+#   RELAY_TEST_KAFKA_CONTROLLER_PORT controller port (61193)
+#   RELAY_TEST_PG_PORT               PostgreSQL port (61435)
+#   BENCH_RELAY_PORT                 the relay's port (61180)
 #   BENCH_DURATION                   measured interval of rate and idle runs (60s)
 #   BENCH_WARMUP                     unmeasured start of rate runs (10s)
 #   BENCH_PERF                       1: perf record the relay during scenarios 2 and 3
@@ -50,11 +50,14 @@ set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$SCRIPT_DIR/.." && pwd)"
 
+# Ports above Linux's default ephemeral range (32768-60999): the relay is
+# started again for every run, and a port in that range can be held by any
+# connection's TIME_WAIT (bind: address already in use).
 export RELAY_TEST_STATE="${RELAY_TEST_STATE:-/tmp/relay-bench}"
-export RELAY_TEST_KAFKA_PORT="${RELAY_TEST_KAFKA_PORT:-59192}"
-export RELAY_TEST_KAFKA_CONTROLLER_PORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT:-59193}"
-export RELAY_TEST_PG_PORT="${RELAY_TEST_PG_PORT:-55435}"
-RELAY_PORT="${BENCH_RELAY_PORT:-59180}"
+export RELAY_TEST_KAFKA_PORT="${RELAY_TEST_KAFKA_PORT:-61192}"
+export RELAY_TEST_KAFKA_CONTROLLER_PORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT:-61193}"
+export RELAY_TEST_PG_PORT="${RELAY_TEST_PG_PORT:-61435}"
+RELAY_PORT="${BENCH_RELAY_PORT:-61180}"
 DURATION="${BENCH_DURATION:-60s}"
 WARMUP="${BENCH_WARMUP:-10s}"
 PERF="${BENCH_PERF:-0}"
