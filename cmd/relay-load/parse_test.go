@@ -123,21 +123,7 @@ func BenchmarkParser(b *testing.B) {
 // tcpSockets sees both ends of a loopback connection, and the send queue
 // of the end whose peer does not read.
 func TestTCPSockets(t *testing.T) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp4", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
+	client, server := loopbackPair(t)
 	// The client never reads: what the kernel buffers beyond its window stays queued.
 	_ = server.SetWriteDeadline(time.Now().Add(time.Second))
 	if n, _ := server.Write(make([]byte, 1<<20)); n == 0 {
