@@ -17,9 +17,9 @@ import (
 
 // A burst many times larger than each viewer's queue (a catch-up after an
 // outage, a backfill job upstream) reaches every viewer that reads, and none
-// is dropped: the relay reads Kafka no faster than most of its viewers take
-// frames. Without that wait, the consumer fills every queue before any
-// viewer runs and drops them all.
+// is dropped: the relay reads Kafka no faster than three quarters of its
+// viewers take frames. Without that wait, the consumer fills every queue
+// before any viewer runs and drops them all.
 func TestBurstLargerThanQueuesDropsNoReader(t *testing.T) {
 	const viewers, burst = 30, 12000
 	// Queues of 1,024 frames: the burst is 12 times that, and a reader that

@@ -25,7 +25,8 @@ import (
 // Sink takes decoded events in record order per partition.
 type Sink interface {
 	Publish(ev fanout.Event) error
-	// Behind reports that most viewers are far behind what was published.
+	// Behind reports that many viewers (more than a quarter) are far behind
+	// what was published.
 	Behind() bool
 }
 
@@ -109,7 +110,7 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 	}
 	c.paced = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "relay_consumer_paced_seconds_total",
-		Help: "Time the consumer waited because most viewers were far behind (the relay's writes, not Kafka, were the limit).",
+		Help: "Time the consumer waited because more than a quarter of the viewers were far behind (the relay's writes, not Kafka, were the limit).",
 	})
 	for _, col := range []prometheus.Collector{c.consumed, c.skipped, c.lag, c.paced} {
 		if err := cfg.Registerer.Register(col); err != nil {
