@@ -47,10 +47,13 @@ func main() {
 const (
 	// readHeaderTimeout cuts clients that send headers too slowly (slowloris).
 	readHeaderTimeout = 5 * time.Second
-	// historyReads and historyMaxRecords bound reading resume gaps back from
-	// Kafka: reads at once, and records per read (a longer gap gets a snapshot).
+	// historyReads, historyMaxRecords and historyMaxBytes bound reading
+	// resume gaps back from Kafka: reads at once (one per user), and records
+	// and bytes (of record values, and of the frames made of them) per read.
+	// A longer gap gets a snapshot. See RELIABILITY.md for the memory bound.
 	historyReads      = 4
 	historyMaxRecords = 100_000
+	historyMaxBytes   = 8 << 20
 )
 
 // run starts the relay and blocks until ctx ends, then shuts down within
@@ -84,7 +87,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	hub := fanout.New(fanout.Options{
 		Buffer: cfg.SubscriberBuffer, WindowEvents: cfg.ReplayWindow, WindowBytes: cfg.ReplayWindowBytes,
-		FlushInterval: cfg.FlushInterval,
+		FlushInterval: cfg.FlushInterval, ReadBackBytes: historyMaxBytes,
 	})
 	registerFanoutMetrics(reg, hub)
 	consCfg := consumer.Config{
@@ -95,13 +98,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
+	history := consumer.NewHistory(consCfg, historyReads, historyMaxRecords, historyMaxBytes)
+	defer history.Close()
 	srv, err := api.New(api.Config{
 		JWTSecret: []byte(secret), JWTIssuer: cfg.JWTIssuer, JWTAudience: cfg.JWTAudience,
 		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
 		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
 		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, SendBuffer: cfg.SendBuffer, AuthCacheTTL: 10 * time.Second,
 		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
-		History: consumer.NewHistory(consCfg, historyReads, historyMaxRecords),
+		History: history, ReadBacks: historyReads,
 	}, st, hub)
 	if err != nil {
 		return err

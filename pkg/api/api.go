@@ -37,17 +37,15 @@ type Store interface {
 
 // Broker hands out viewer subscriptions; *fanout.Broadcaster is one.
 type Broker interface {
-	// SubscribeFrom subscribes a viewer; with a position, it also says what
-	// to replay from the window, or that the viewer needs a snapshot.
-	SubscribeFrom(from fanout.Position, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resume, error)
+	// Resume subscribes a viewer from a position it sent, reading what the
+	// window lacks back from h; fanout.ErrUnusable or fanout.ErrGap when
+	// only a snapshot will do.
+	Resume(ctx context.Context, from fanout.Position, h fanout.History, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resumed, error)
+	// Subscribe subscribes a viewer from a position Position returned, with
+	// the frames since; fanout.ErrGap when the window no longer has them.
+	Subscribe(at fanout.Position, onEnd func(fanout.Reason)) (*fanout.Subscription, []*fanout.Frame, error)
 	// Position is the stream position after the newest event.
 	Position() fanout.Position
-}
-
-// History reads back from Kafka what the replay window no longer holds.
-type History interface {
-	// Read returns the events of the ranges, each in offset order.
-	Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Event, error)
 }
 
 // Config is the API's part of the relay's settings.
@@ -74,7 +72,10 @@ type Config struct {
 	Gatherer     prometheus.Gatherer
 	// History, if set, serves resumes older than the replay window; without
 	// it, or when Kafka no longer has the records, such viewers get a snapshot.
-	History History
+	History fanout.History
+	// ReadBacks bounds the read-backs from History at once (default 4); a
+	// user has one at most. Each holds its slot until its frames are written.
+	ReadBacks int
 	// ConsumerReady reports whether the Kafka consumer runs and has filled the
 	// replay window at start-up (readiness).
 	ConsumerReady func() bool
@@ -89,6 +90,7 @@ type Server struct {
 	log    *slog.Logger
 	engine *gin.Engine
 	limits *limiter
+	reads  *readBacks
 	snaps  *snapshotCache
 	m      *metrics
 	retry  []byte // the retry: frame
@@ -109,6 +111,9 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 	if cfg.Retry <= 0 {
 		cfg.Retry = 3 * time.Second
 	}
+	if cfg.ReadBacks < 1 {
+		cfg.ReadBacks = 4
+	}
 	if cfg.ConsumerReady == nil {
 		cfg.ConsumerReady = func() bool { return true }
 	}
@@ -123,6 +128,7 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience),
 		log:    cfg.Logger.With("component", "api"),
 		limits: newLimiter(cfg.MaxPerUser, cfg.MaxConnections),
+		reads:  newReadBacks(cfg.ReadBacks),
 		snaps:  &snapshotCache{timeout: cfg.DBTimeout, position: broker.Position},
 		m:      m,
 		retry:  []byte("retry: " + strconv.FormatInt(cfg.Retry.Milliseconds(), 10) + "\n\n"),

@@ -1,6 +1,9 @@
 package api
 
-import "sync"
+import (
+	"context"
+	"sync"
+)
 
 // limiter holds the per-user and global stream caps. A slot is taken before
 // any header is written, so an over-cap viewer gets a real 429 or 503.
@@ -48,4 +51,58 @@ func (l *limiter) release(user string) {
 	} else {
 		delete(l.perUser, user)
 	}
+}
+
+// readBacks bounds the Kafka read-backs of resuming viewers: n at once, one
+// per user. A slot is held until the frames read are written to the viewer
+// (or the viewer is cut), so the memory they take is bounded by n read-backs,
+// and one user cannot take every slot.
+type readBacks struct {
+	slots chan struct{}
+
+	mu    sync.Mutex
+	users map[string]chan struct{} // closed when the user's read-back ends
+}
+
+func newReadBacks(n int) *readBacks {
+	return &readBacks{slots: make(chan struct{}, n), users: map[string]chan struct{}{}}
+}
+
+// acquire waits, until ctx ends, for the user's earlier read-back to end
+// and for a free slot. The returned release is idempotent.
+func (r *readBacks) acquire(ctx context.Context, user string) (func(), error) {
+	for {
+		r.mu.Lock()
+		busy, ok := r.users[user]
+		if !ok {
+			r.users[user] = make(chan struct{})
+			r.mu.Unlock()
+			break
+		}
+		r.mu.Unlock()
+		select {
+		case <-busy:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	endUser := func() {
+		r.mu.Lock()
+		close(r.users[user])
+		delete(r.users, user)
+		r.mu.Unlock()
+	}
+	select {
+	case r.slots <- struct{}{}:
+	case <-ctx.Done():
+		endUser()
+		return nil, ctx.Err()
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			<-r.slots
+			endUser()
+		})
+	}, nil
 }

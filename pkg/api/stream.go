@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"time"
@@ -76,65 +77,42 @@ func (s *Server) events(c *gin.Context) {
 	}()
 
 	// Last-Event-ID is what EventSource sends on reconnect; the query
-	// parameter lets a page resume on its first connection.
-	lastID := c.GetHeader("Last-Event-ID")
-	if lastID == "" {
-		lastID = c.Query("last_event_id")
+	// parameter lets a page resume on its first connection. An id this
+	// relay cannot use, empty ones included, makes a new viewer.
+	id := c.GetHeader("Last-Event-ID")
+	_, resuming := c.Request.Header["Last-Event-Id"]
+	if q, ok := c.GetQuery("last_event_id"); ok && id == "" {
+		id, resuming = q, true
 	}
-	var from fanout.Position
-	if lastID != "" {
-		var err error
-		from, err = fanout.ParsePosition(lastID)
-		if err != nil {
-			from = fanout.Position{} // not an id of ours: resume from nothing, which asks for a snapshot
+	var opening opening
+	if resuming {
+		via := "snapshot"
+		if from, err := fanout.ParsePosition(id); err == nil {
+			via = s.resume(ctx, v, from, &opening)
 		}
-	}
-
-	var (
-		resume fanout.Resume
-		snap   []byte
-		via    = "window"
-	)
-	if from != nil {
-		var err error
-		if v.sub, resume, err = s.broker.SubscribeFrom(from, v.onEnd); err != nil {
-			s.fail(c, http.StatusServiceUnavailable, bodyShuttingDown)
-			return
-		}
-		if resume.Gap { // the window cannot bring this viewer up to date
-			v.sub.Close()
-			v.sub = nil
-			if v.sub, resume = s.resumeFromKafka(ctx, from, resume.Missing, v.onEnd); v.sub != nil {
-				via = "kafka"
-			}
-		}
+		s.m.resumes.WithLabelValues(via).Inc()
 	}
 	if v.sub == nil {
 		var code int
 		var body []byte
-		if v.sub, resume, snap, code, body = s.subscribeWithSnapshot(ctx, v.onEnd); code != 0 {
+		if code, body = s.subscribeWithSnapshot(ctx, v, &opening); code != 0 {
 			s.fail(c, code, body)
 			return
 		}
 	}
-	if from != nil {
-		if snap != nil {
-			via = "snapshot"
-		}
-		s.m.resumes.WithLabelValues(via).Inc()
-	}
-	v.skip = resume.Skip
 	v.chunked = c.Request.ProtoAtLeast(1, 1)
 
 	conn, _, err := c.Writer.Hijack()
 	if err != nil {
 		v.sub.Close()
+		v.readBackDone()
 		s.log.Error("cannot take over the connection", "err", err)
 		s.fail(c, http.StatusInternalServerError, detail("Streaming unsupported"))
 		return
 	}
 	if !s.streams.add(conn) { // shutting down since the checks above (the slot goes back in the defer)
 		v.sub.Close()
+		v.readBackDone()
 		_ = conn.Close()
 		return
 	}
@@ -151,89 +129,87 @@ func (s *Server) events(c *gin.Context) {
 	v.conn = conn
 	s.m.connects.WithLabelValues("200").Inc()
 	s.m.connected.Inc()
-	go v.run(snap, resume.Replay)
+	go v.run(opening)
 }
 
 // historyTimeout bounds reading a gap back from Kafka, waiting included.
 const historyTimeout = 5 * time.Second
 
-// resumeFromKafka reads from Kafka what a resuming viewer missed before the
-// window, then subscribes it from where that read ends; the frames read come
-// first in its replay. It returns no subscription when that cannot be done
-// (no history, records gone, Kafka slow, the window moved on meanwhile): the
-// viewer then gets a snapshot.
-func (s *Server) resumeFromKafka(ctx context.Context, from fanout.Position, missing []fanout.Range, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resume) {
-	if s.cfg.History == nil || len(missing) == 0 {
-		return nil, fanout.Resume{}
+// resume subscribes v from a position the client sent, reading what the
+// window lacks back from Kafka, and says how: "window" or "kafka", or
+// "snapshot" when it could not (an id this stream could not have issued,
+// records no longer held, Kafka slow): v.sub is then nil.
+func (s *Server) resume(ctx context.Context, v *viewer, from fanout.Position, o *opening) string {
+	var h fanout.History
+	if s.cfg.History != nil {
+		h = viewerHistory{s: s, v: v}
 	}
 	ctx, cancel := context.WithTimeout(ctx, historyTimeout)
 	defer cancel()
-	events, err := s.cfg.History.Read(ctx, missing)
+	sub, r, err := s.broker.Resume(ctx, from, h, v.onEnd)
 	if err != nil {
-		s.log.Info("resume gap not read back from Kafka; sending a snapshot", "err", err)
-		return nil, fanout.Resume{}
-	}
-	pos := make(fanout.Position, len(from))
-	for k, o := range from {
-		pos[k] = o
-	}
-	frames := make([]*fanout.Frame, 0, len(events))
-	for _, ev := range events {
-		key := fanout.KeyOf(ev.Topic, ev.TopicID, ev.Partition)
-		pos[key] = ev.Offset + 1
-		f, err := fanout.Encode(ev, pos.Encode())
-		if err != nil {
-			continue // cannot be framed; the live path skips it too
+		v.readBackDone()
+		if errors.Is(err, fanout.ErrGap) {
+			s.log.Info("resume gap not read back; sending a snapshot", "err", err)
 		}
-		frames = append(frames, f)
+		return "snapshot"
 	}
-	for _, r := range missing { // records that did not decode still count as read
-		pos[fanout.KeyOf(r.Topic, r.TopicID, r.Partition)] = r.To
+	v.sub, v.cursor = sub, r.Cursor
+	o.kafka, o.replay = r.Kafka, r.Replay
+	if v.releaseReadBack != nil {
+		return "kafka"
 	}
-	sub, resume, err := s.broker.SubscribeFrom(pos, onEnd)
+	return "window"
+}
+
+// viewerHistory reads back for one viewer, in a read-back slot that the
+// viewer holds until it has written what was read.
+type viewerHistory struct {
+	s *Server
+	v *viewer
+}
+
+func (h viewerHistory) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Event, error) {
+	release, err := h.s.reads.acquire(ctx, h.v.user)
 	if err != nil {
-		return nil, fanout.Resume{}
+		return nil, fmt.Errorf("waiting for a read-back slot: %w", err)
 	}
-	if resume.Gap {
-		sub.Close()
-		return nil, fanout.Resume{}
-	}
-	resume.Replay = append(frames, resume.Replay...)
-	return sub, resume
+	h.v.releaseReadBack = release
+	return h.s.cfg.History.Read(ctx, ranges)
 }
 
 // subscribeWithSnapshot gives a new viewer a snapshot (shared, at most
 // snapshotMaxAge old) and subscribes it from the position the snapshot was
 // read at, so the window replays what was published since. It returns a
 // status and body instead when the viewer cannot be served.
-func (s *Server) subscribeWithSnapshot(ctx context.Context, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resume, []byte, int, []byte) {
-	var (
-		snap   *snapshot
-		sub    *fanout.Subscription
-		resume fanout.Resume
-		err    error
-	)
+func (s *Server) subscribeWithSnapshot(ctx context.Context, v *viewer, o *opening) (int, []byte) {
 	// A shared snapshot may predate what the window holds (the start-up
 	// backfill, a huge burst): then read a fresh one, once.
+	var snap *snapshot
 	for _, fresh := range []bool{false, true} {
-		if sub != nil {
-			sub.Close()
-		}
+		var err error
 		if snap, err = s.snapshot(ctx, fresh); err != nil {
 			s.log.Warn("snapshot failed", "err", err)
-			return nil, fanout.Resume{}, nil, http.StatusServiceUnavailable, bodyDatabaseDown
+			return http.StatusServiceUnavailable, bodyDatabaseDown
 		}
-		if sub, resume, err = s.broker.SubscribeFrom(snap.pos, onEnd); err != nil {
-			return nil, fanout.Resume{}, nil, http.StatusServiceUnavailable, bodyShuttingDown
-		}
-		if !resume.Gap {
-			return sub, resume, snap.frame, 0, nil
+		v.sub, o.replay, err = s.broker.Subscribe(snap.pos, v.onEnd)
+		switch {
+		case err == nil:
+			o.snapshot = snap.frame
+			return 0, nil
+		case !errors.Is(err, fanout.ErrGap):
+			return http.StatusServiceUnavailable, bodyShuttingDown
 		}
 	}
 	// The window moved past a snapshot read a moment ago: only an extreme
 	// burst does that. Serve that snapshot and the live stream.
 	s.log.Warn("replay window overtook a fresh snapshot; events in between may be missing")
-	return sub, fanout.Resume{}, snap.frame, 0, nil
+	var err error
+	if v.sub, o.replay, err = s.broker.Subscribe(nil, v.onEnd); err != nil {
+		return http.StatusServiceUnavailable, bodyShuttingDown
+	}
+	o.snapshot = snap.frame
+	return 0, nil
 }
 
 // snapshot returns a shared snapshot; see snapshotCache.

@@ -50,9 +50,12 @@ type viewer struct {
 	sub     *fanout.Subscription
 	conn    net.Conn
 	chunked bool
-	// skip holds, for a viewer that resumed ahead of this replica, the offset
-	// per partition below which live frames were already seen; nil once passed.
-	skip fanout.Position
+	// cursor, for a viewer that resumed, re-ids or skips frames until the
+	// stream's own ids cover its position; nil once they do.
+	cursor *fanout.Cursor
+	// releaseReadBack, if set, gives back the read-back slot this viewer
+	// holds until the frames read back from Kafka are written.
+	releaseReadBack func()
 	// cut is conn once run starts; onEnd uses it from the publisher's goroutine.
 	cut          atomic.Pointer[net.Conn]
 	lastDeadline time.Time
@@ -104,7 +107,8 @@ func (v *viewer) write(b *batch) error {
 	}
 	now := time.Now()
 	v.lastWrite = now
-	// Re-arming the deadline at most once a second keeps it off the per-batch path.
+	// Re-arming the deadline at most once a second keeps it off the per-batch
+	// path (lastDeadline is in the future while the opening's holds).
 	if now.Sub(v.lastDeadline) > time.Second {
 		v.lastDeadline = now
 		if err := v.conn.SetWriteDeadline(now.Add(v.s.cfg.WriteTimeout)); err != nil {
@@ -150,22 +154,68 @@ func (v *viewer) writeFrames(frames ...[]byte) error {
 	return v.write(b)
 }
 
-// live adds a live frame to b unless the viewer saw it on another replica.
+// live adds a frame of the stream to b, through the cursor while there is one.
 func (v *viewer) live(b *batch, f *fanout.Frame) error {
-	if v.skip != nil {
-		if next, ok := v.skip[f.Key]; ok {
-			if f.Offset >= next-1 { // the last seen one or beyond: stop checking
-				delete(v.skip, f.Key)
-				if len(v.skip) == 0 {
-					v.skip = nil
-				}
-			}
-			if f.Offset < next {
-				return nil
-			}
+	if v.cursor == nil {
+		return v.add(b, f.Bytes)
+	}
+	out := v.cursor.Frame(f)
+	if v.cursor.Done() {
+		v.cursor = nil
+	}
+	if out == nil { // the viewer has it already
+		return nil
+	}
+	return v.add(b, out)
+}
+
+// readBackDone gives back the viewer's read-back slot, if it holds one.
+func (v *viewer) readBackDone() {
+	if v.releaseReadBack != nil {
+		v.releaseReadBack()
+	}
+}
+
+// opening is what a stream sends before live frames: the snapshot of a new
+// viewer, or a resuming viewer's frames read back from Kafka and replayed
+// from the window.
+type opening struct {
+	snapshot []byte
+	kafka    [][]byte
+	replay   []*fanout.Frame
+}
+
+// writeOpening sends the opening keepalive and retry hint, then o, all
+// within one write timeout: the read-back slot it may hold is not left to
+// a viewer that reads slowly.
+func (v *viewer) writeOpening(o opening) error {
+	defer v.readBackDone()
+	v.lastDeadline = time.Now().Add(v.s.cfg.WriteTimeout) // write does not re-arm it meanwhile
+	if err := v.conn.SetWriteDeadline(v.lastDeadline); err != nil {
+		return err
+	}
+	b := getBatch()
+	defer b.release()
+	for _, f := range [][]byte{frameKeepalive, v.s.retry, o.snapshot} {
+		if f != nil {
+			b.add(f)
 		}
 	}
-	return v.add(b, f.Bytes)
+	for _, f := range o.kafka {
+		if err := v.add(b, f); err != nil {
+			return err
+		}
+	}
+	for _, f := range o.replay {
+		if err := v.live(b, f); err != nil {
+			return err
+		}
+	}
+	if err := v.write(b); err != nil {
+		return err
+	}
+	v.lastDeadline = time.Time{} // the next write arms its own
+	return nil
 }
 
 // queued writes first (if not nil) and the batches already waiting after
@@ -209,7 +259,7 @@ func (v *viewer) responseHead() []byte {
 // run streams until the viewer goes, is dropped or the relay shuts down: the
 // opening keepalive and retry hint, the snapshot or the replayed frames, then
 // live frames and keepalives. It only ever ends between frames.
-func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
+func (v *viewer) run(o opening) {
 	s := v.s
 	v.cut.Store(&v.conn)
 	reason := reasonWriteError
@@ -243,17 +293,10 @@ func (v *viewer) run(snapshot []byte, replay []*fanout.Frame) {
 	go watchClose(v.conn, v.sub)
 
 	if _, err := v.conn.Write(v.responseHead()); err != nil {
+		v.readBackDone()
 		return
 	}
-	opening := make([][]byte, 0, 3+len(replay))
-	opening = append(opening, frameKeepalive, s.retry)
-	if snapshot != nil {
-		opening = append(opening, snapshot)
-	}
-	for _, f := range replay {
-		opening = append(opening, f.Bytes)
-	}
-	if err := v.writeFrames(opening...); err != nil {
+	if err := v.writeOpening(o); err != nil {
 		reason = v.writeFailed()
 		return
 	}

@@ -25,6 +25,9 @@ import (
 // Sink takes decoded events in record order per partition.
 type Sink interface {
 	Publish(ev fanout.Event) error
+	// Empty says a partition holds no record below next: all were deleted
+	// before the consumer read any.
+	Empty(topic string, topicID [16]byte, partition int32, next int64)
 	// Behind reports that many viewers (more than a quarter) are far behind
 	// what was published.
 	Behind() bool
@@ -176,6 +179,9 @@ func (c *Consumer) connect(ctx context.Context) error {
 	}
 	c.startEnds, c.fillUntil = map[topicPartition]int64{}, map[topicPartition]int64{}
 	for tp, o := range ends {
+		if o.end == o.start { // nothing left to read: viewers behind o.end lost records
+			c.sink.Empty(tp.topic, o.id, tp.partition, o.end)
+		}
 		c.startEnds[tp] = o.end
 		if o.end > o.start && c.cfg.Backfill > 0 {
 			c.fillUntil[tp] = o.end - 1
@@ -190,7 +196,10 @@ func (c *Consumer) connect(ctx context.Context) error {
 	return nil
 }
 
-type startEnd struct{ start, end int64 }
+type startEnd struct {
+	start, end int64
+	id         [16]byte // the topic's ID
+}
 
 func (c *Consumer) endOffsets(ctx context.Context) (map[topicPartition]startEnd, error) {
 	ctx, cancel := context.WithTimeout(ctx, backfillTimeout)
@@ -226,7 +235,7 @@ func (c *Consumer) endOffsets(ctx context.Context) (map[topicPartition]startEnd,
 	}
 	ends.Each(func(o kadm.ListedOffset) {
 		if s, ok := starts.Lookup(o.Topic, o.Partition); o.Err == nil && ok && s.Err == nil {
-			out[topicPartition{o.Topic, o.Partition}] = startEnd{s.Offset, o.Offset}
+			out[topicPartition{o.Topic, o.Partition}] = startEnd{s.Offset, o.Offset, details[o.Topic].ID}
 		}
 	})
 	return out, nil

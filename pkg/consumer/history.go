@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -12,26 +13,77 @@ import (
 )
 
 // ErrHistoryGone is returned by History.Read when Kafka no longer holds the
-// whole range (retention, or the topic is gone): only a snapshot helps then.
+// whole range (retention, or the topic is gone), or the range is longer than
+// a read may be: only a snapshot helps then.
 var ErrHistoryGone = errors.New("consumer: records no longer in Kafka")
 
 // History reads runs of partitions back from Kafka for viewers that resume
 // from a position older than the replay window. At most a few reads run at
-// once, so a reconnect storm cannot turn into a storm on the brokers.
+// once, each on a Kafka client of its own that is kept for the next read,
+// so a reconnect storm cannot turn into a storm on the brokers.
 type History struct {
 	brokers        []string
 	maxRecordBytes int
 	maxRecords     int
-	sem            chan struct{}
+	maxBytes       int
+	clients        chan *kgo.Client // a free client per slot; nil until first used
+
+	mu     sync.Mutex
+	closed bool
+	made   []*kgo.Client
 }
 
 // NewHistory returns a reader allowing concurrency reads at once, each of at
-// most maxRecords records (a longer gap is cheaper to heal with a snapshot).
-func NewHistory(cfg Config, concurrency, maxRecords int) *History {
-	return &History{
-		brokers: cfg.Brokers, maxRecordBytes: cfg.MaxRecordBytes, maxRecords: maxRecords,
-		sem: make(chan struct{}, concurrency),
+// most maxRecords records and maxBytes bytes of record values (a longer gap
+// is cheaper to heal with a snapshot).
+func NewHistory(cfg Config, concurrency, maxRecords, maxBytes int) *History {
+	h := &History{
+		brokers: cfg.Brokers, maxRecordBytes: cfg.MaxRecordBytes, maxRecords: maxRecords, maxBytes: maxBytes,
+		clients: make(chan *kgo.Client, concurrency),
 	}
+	for range concurrency {
+		h.clients <- nil
+	}
+	return h
+}
+
+// Close closes the clients made so far; reads after it fail.
+func (h *History) Close() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for _, cl := range h.made {
+		cl.Close()
+	}
+	h.made = nil
+}
+
+// client returns a client for a read: the slot's own, made on first use.
+func (h *History) client(cl *kgo.Client) (*kgo.Client, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return nil, errors.New("history: closed")
+	}
+	if cl != nil {
+		return cl, nil
+	}
+	cl, err := kgo.NewClient(
+		kgo.SeedBrokers(h.brokers...),
+		// A range that starts below the log start is gone: fail, do not skip.
+		kgo.ConsumeResetOffset(kgo.NoResetOffset()),
+		kgo.FetchMaxWait(100*time.Millisecond),
+		// What one fetch may buffer: the byte bound of a read, and one record
+		// of the largest size relayed beyond it (Kafka always returns one).
+		kgo.FetchMaxBytes(int32(min(h.maxBytes, 1<<30))),
+		kgo.FetchMaxPartitionBytes(int32(min(h.maxBytes, 1<<30))),
+		kgo.ClientID("identity-relay-history"),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("history: %w", err)
+	}
+	h.made = append(h.made, cl)
+	return cl, nil
 }
 
 // Read returns the events of the ranges, each range in offset order, records
@@ -39,46 +91,54 @@ func NewHistory(cfg Config, concurrency, maxRecords int) *History {
 // for a free slot and for Kafka until ctx ends.
 func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Event, error) {
 	want := map[string]map[int32]kgo.Offset{}
-	left := map[fanout.Range]bool{}
+	next := map[fanout.Range]int64{} // per range left, the next offset wanted
 	total := int64(0)
 	for _, r := range ranges {
-		if r.Topic == "" || r.From >= r.To {
+		if r.Topic == "" || r.From < 0 || r.From >= r.To {
 			return nil, fmt.Errorf("history: bad range %+v", r)
 		}
 		if want[r.Topic] == nil {
 			want[r.Topic] = map[int32]kgo.Offset{}
 		}
+		if _, dup := want[r.Topic][r.Partition]; dup {
+			return nil, fmt.Errorf("history: partition %s/%d twice", r.Topic, r.Partition)
+		}
 		want[r.Topic][r.Partition] = kgo.NewOffset().At(r.From)
-		left[r] = true
+		next[r] = r.From
 		total += r.To - r.From
 	}
 	if total > int64(h.maxRecords) {
 		return nil, fmt.Errorf("%w: %d records missing, more than the %d read back at most", ErrHistoryGone, total, h.maxRecords)
 	}
+	var cl *kgo.Client
 	select {
-	case h.sem <- struct{}{}:
-		defer func() { <-h.sem }()
+	case cl = <-h.clients:
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	cl, err := kgo.NewClient(
-		kgo.SeedBrokers(h.brokers...),
-		kgo.ConsumePartitions(want),
-		// A range that starts below the log start is gone: fail, do not skip.
-		kgo.ConsumeResetOffset(kgo.NoResetOffset()),
-		kgo.FetchMaxWait(100*time.Millisecond),
-		kgo.ClientID("identity-relay-history"),
-	)
+	cl, err := h.client(cl)
+	defer func() { h.clients <- cl }()
 	if err != nil {
-		return nil, fmt.Errorf("history: %w", err)
+		return nil, err
 	}
-	defer cl.Close()
+	cl.AddConsumePartitions(want)
+	defer func() {
+		rm := map[string][]int32{}
+		for t, ps := range want {
+			for p := range ps {
+				rm[t] = append(rm[t], p)
+			}
+		}
+		// Removing also drops what was fetched for them and not polled.
+		cl.RemoveConsumePartitions(rm)
+	}()
 
 	var out []fanout.Event
-	for len(left) > 0 {
+	size := 0
+	for len(next) > 0 {
 		fetches := cl.PollFetches(ctx)
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
 		var fetchErr error
 		fetches.EachError(func(_ string, _ int32, err error) { fetchErr = err })
@@ -88,24 +148,10 @@ func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Eve
 		fetches.EachTopic(func(t kgo.FetchTopic) {
 			for _, p := range t.Partitions {
 				for _, rec := range p.Records {
-					for r := range left {
-						if r.Topic != rec.Topic || r.Partition != rec.Partition {
-							continue
-						}
-						if rec.Offset < r.To {
-							if r.TopicID != ([16]byte{}) && t.TopicID != ([16]byte{}) && r.TopicID != t.TopicID {
-								fetchErr = ErrHistoryGone // re-created since: not the same log
-							}
-							if ev, err := Decode(rec.Topic, rec.Timestamp, rec.Value, h.maxRecordBytes); err == nil {
-								// The range's topic ID names the stream the viewer's id came from.
-								ev.TopicID, ev.Partition, ev.Offset = r.TopicID, rec.Partition, rec.Offset
-								out = append(out, ev)
-							}
-						}
-						if rec.Offset >= r.To-1 {
-							delete(left, r)
-						}
+					if fetchErr != nil {
+						return
 					}
+					fetchErr = h.take(t, rec, next, &out, &size)
 				}
 			}
 		})
@@ -114,4 +160,31 @@ func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Eve
 		}
 	}
 	return out, nil
+}
+
+// take adds rec to out if it is the next record of a range still being read.
+func (h *History) take(t kgo.FetchTopic, rec *kgo.Record, next map[fanout.Range]int64, out *[]fanout.Event, size *int) error {
+	for r, n := range next {
+		if r.Topic != rec.Topic || r.Partition != rec.Partition || rec.Offset < n {
+			continue
+		}
+		if r.TopicID != ([16]byte{}) && t.TopicID != ([16]byte{}) && r.TopicID != t.TopicID {
+			return ErrHistoryGone // re-created since: not the same log
+		}
+		if rec.Offset < r.To {
+			if *size += len(rec.Value); *size > h.maxBytes {
+				return fmt.Errorf("%w: more than %d bytes to read back", ErrHistoryGone, h.maxBytes)
+			}
+			if ev, err := Decode(rec.Topic, rec.Timestamp, rec.Value, h.maxRecordBytes); err == nil {
+				// The range's topic ID names the stream the viewer's id came from.
+				ev.TopicID, ev.Partition, ev.Offset = r.TopicID, rec.Partition, rec.Offset
+				*out = append(*out, ev)
+			}
+		}
+		next[r] = rec.Offset + 1
+		if rec.Offset >= r.To-1 {
+			delete(next, r)
+		}
+	}
+	return nil
 }

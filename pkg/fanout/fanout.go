@@ -5,7 +5,9 @@
 package fanout
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +21,12 @@ var (
 	ErrBadName = errors.New("fanout: topic cannot be an SSE event name")
 	// ErrBadID is returned by Encode for an id holding CR, LF or NUL.
 	ErrBadID = errors.New("fanout: id cannot be an SSE id")
+	// ErrUnusable is returned by Resume for a position this stream could not
+	// have issued; the viewer is treated as new.
+	ErrUnusable = errors.New("fanout: not a position of this stream")
+	// ErrGap is returned by Resume and Subscribe when neither the window nor
+	// Kafka can bring the viewer from its position to now without loss.
+	ErrGap = errors.New("fanout: the stream from this position is no longer held")
 )
 
 // Reason says why a subscription ended. Its String form doubles as a metric label.
@@ -57,9 +65,10 @@ func (r Reason) String() string {
 // A send, a wake-up and a write per event per viewer is most of what a
 // viewer costs at moderate rates; a batch costs the same once.
 type Broadcaster struct {
-	buffer     int // frames a viewer may have queued
-	flushEvery time.Duration
-	flushAfter int // waiting frames that force a flush
+	buffer      int // frames a viewer may have queued
+	flushEvery  time.Duration
+	flushAfter  int // waiting frames that force a flush
+	readBackMax int // bytes of frames one resume may read back
 
 	mu     sync.Mutex
 	subs   []*Subscription // index held in Subscription.idx, guarded by mu
@@ -88,6 +97,9 @@ type Options struct {
 	// FlushInterval is the longest a published frame waits to be offered
 	// with the frames after it; 0 offers every frame at once.
 	FlushInterval time.Duration
+	// ReadBackBytes bounds the frames one resume reads back from Kafka
+	// (default 8 MiB); a longer gap gets a snapshot.
+	ReadBackBytes int
 }
 
 // Stats are running totals since New.
@@ -127,9 +139,13 @@ func New(o Options) *Broadcaster {
 	if o.WindowBytes < 1 {
 		o.WindowBytes = 64 << 20
 	}
+	if o.ReadBackBytes < 1 {
+		o.ReadBackBytes = 8 << 20
+	}
 	return &Broadcaster{
 		buffer: o.Buffer, flushEvery: max(o.FlushInterval, 0), flushAfter: min(max(o.Buffer/4, 1), maxFlush),
-		pos: Position{}, win: newWindow(o.WindowEvents, o.WindowBytes),
+		readBackMax: o.ReadBackBytes,
+		pos:         Position{}, win: newWindow(o.WindowEvents, o.WindowBytes),
 		topics: map[string]uint32{}, names: map[uint32]topicName{},
 	}
 }
@@ -229,24 +245,7 @@ func (b *Broadcaster) Position() Position {
 	return p
 }
 
-// Resume is what a viewer resuming from a position needs besides live frames.
-type Resume struct {
-	// Replay holds the window's frames after the position, in publish order.
-	Replay []*Frame
-	// Skip holds partitions where the position is ahead of this replica: live
-	// frames of such a partition below its offset were already seen elsewhere.
-	Skip Position
-	// Gap is set when the window cannot bring the viewer from the position to
-	// now without loss.
-	Gap bool
-	// Missing, with Gap, lists what the window lacks, per partition: the
-	// records from From to To (exclusive), which Kafka may still hold. Nil
-	// when the gap cannot be named (an id far ahead, or of unknown topics):
-	// then only a fresh snapshot helps.
-	Missing []Range
-}
-
-// Range is a run of one partition's offsets.
+// Range is a run of one partition's offsets, From to To (exclusive).
 type Range struct {
 	Topic     string
 	TopicID   [16]byte
@@ -254,29 +253,119 @@ type Range struct {
 	From, To  int64
 }
 
+// History reads back from Kafka what the replay window no longer holds.
+type History interface {
+	// Read returns the events of the ranges, each range in offset order.
+	// Records that cannot be relayed may be left out.
+	Read(ctx context.Context, ranges []Range) ([]Event, error)
+}
+
 type topicName struct {
 	name string
 	id   [16]byte
 }
 
-// SubscribeFrom subscribes a viewer that has seen everything before from; a
-// nil from is a new viewer, with nothing to replay. Subscribing and reading
-// the window happen under one lock, so every frame is either replayed or
-// offered live, never both, never neither.
+// Resumed is what a resuming viewer is sent before its live frames, in this
+// order: the frames read back from Kafka, then the window's frames passed
+// through the cursor. Live frames go through the cursor too.
+type Resumed struct {
+	// Kafka holds the frames read back from Kafka, with ids of this viewer's own.
+	Kafka [][]byte
+	// Replay holds window frames in publish order; send each through Cursor.
+	Replay []*Frame
+	// Cursor is nil when every frame can go out as it is.
+	Cursor *Cursor
+}
+
+// Resume subscribes a viewer that has seen everything before from, a
+// position a client sent: it is sent, exactly once each and in order per
+// partition, every frame after from. What the window no longer holds is read
+// back from h (nil: not at all) within the read-back byte bound; ctx bounds
+// that read. It returns ErrUnusable for a position this stream could not
+// have issued, and ErrGap when the records after it are no longer held: a
+// snapshot is the only way on then.
+//
+// The window's frames and the subscription are taken under one lock before
+// Kafka is read, so whatever is published or evicted during the read is in
+// one of them: nothing lost, nothing twice. onEnd is as for Subscribe.
+func (b *Broadcaster) Resume(ctx context.Context, from Position, h History, onEnd func(Reason)) (*Subscription, Resumed, error) {
+	b.mu.Lock()
+	b.flushLocked() // the pending frames are before this viewer's position
+	p, err := b.win.plan(from, b.pos, b.names)
+	if err == nil && len(p.missing) > 0 && h == nil {
+		err = ErrGap
+	}
+	var s *Subscription
+	if err == nil {
+		s, err = b.subscribeLocked(onEnd)
+	}
+	b.mu.Unlock()
+	if err != nil {
+		return nil, Resumed{}, err
+	}
+	r := Resumed{Replay: p.replay}
+	if len(p.missing) > 0 {
+		have := from.Clone() // p.have assumes the read succeeded; the ids grow as it goes
+		if r.Kafka, err = b.readBack(ctx, h, p.missing, have); err != nil {
+			s.Close()
+			return nil, Resumed{}, fmt.Errorf("%w: %w", ErrGap, err)
+		}
+	}
+	r.Cursor = newCursor(p.have, p.at)
+	return s, r, nil
+}
+
+// readBack reads the missing ranges from h and frames them for a viewer at
+// have (which it advances), each with the viewer's position after it as id.
+func (b *Broadcaster) readBack(ctx context.Context, h History, missing []Range, have Position) ([][]byte, error) {
+	events, err := h.Read(ctx, missing)
+	if err != nil {
+		return nil, err
+	}
+	frames := make([][]byte, 0, len(events))
+	size := 0
+	for _, ev := range events {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		have[KeyOf(ev.Topic, ev.TopicID, ev.Partition)] = ev.Offset + 1
+		f, err := Encode(ev, have.Encode())
+		if err != nil {
+			continue // cannot be framed; the live path skips it too
+		}
+		if size += len(f.Bytes); size > b.readBackMax {
+			return nil, fmt.Errorf("read back more than %d bytes of frames", b.readBackMax)
+		}
+		frames = append(frames, f.Bytes)
+	}
+	return frames, nil
+}
+
+// Subscribe subscribes a viewer from at, a position this broadcaster gave out
+// (Position), and returns the window's frames published after it; with a nil
+// at, only live frames. It returns ErrGap when the window no longer holds
+// them all.
 //
 // onEnd, if not nil, is called once when the subscription ends, by whichever
 // goroutine ends it, possibly the publisher's: it must return at once and must
 // not call the broadcaster. The API uses it to cut a write blocked on a
 // viewer that was just dropped for being slow.
-func (b *Broadcaster) SubscribeFrom(from Position, onEnd func(Reason)) (*Subscription, Resume, error) {
+func (b *Broadcaster) Subscribe(at Position, onEnd func(Reason)) (*Subscription, []*Frame, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.flushLocked() // the pending frames are before this viewer's position
-	s, err := b.subscribeLocked(onEnd)
-	if err != nil || from == nil {
-		return s, Resume{}, err
+	b.flushLocked()
+	var replay []*Frame
+	if at != nil {
+		var err error
+		if replay, err = b.win.since(at); err != nil {
+			return nil, nil, err
+		}
 	}
-	return s, b.win.resume(from, b.pos, b.names), nil
+	s, err := b.subscribeLocked(onEnd)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s, replay, nil
 }
 
 // Publish encodes ev once, with the stream position after it as its id, keeps
@@ -306,10 +395,15 @@ func (b *Broadcaster) Publish(ev Event) error {
 		delete(b.pos, key)
 		b.win.reset(b.pos)
 	}
-	b.topics[ev.Topic] = key.Topic
-	b.names[key.Topic] = topicName{ev.Topic, ev.TopicID}
 	prev, had := b.pos[key]
+	if ev.Offset < 0 || ev.Offset >= MaxOffset {
+		return fmt.Errorf("%w: offset %d", ErrBadPosition, ev.Offset)
+	}
 	b.pos[key] = ev.Offset + 1
+	if !had && b.pos.slots() > MaxPartitions {
+		delete(b.pos, key)
+		return ErrTooManyPartitions
+	}
 	f, err := Encode(ev, b.pos.Encode())
 	if err != nil {
 		if had {
@@ -319,6 +413,8 @@ func (b *Broadcaster) Publish(ev Event) error {
 		}
 		return err
 	}
+	b.topics[ev.Topic] = key.Topic
+	b.names[key.Topic] = topicName{ev.Topic, ev.TopicID}
 	f.Key, f.Offset = key, ev.Offset
 	b.win.add(f)
 	b.published.Add(1)
@@ -339,6 +435,29 @@ func (b *Broadcaster) Publish(ev Event) error {
 		}
 	}
 	return nil
+}
+
+// Empty records that a partition holds no record below next (retention
+// deleted them all before this process read any): a viewer whose position
+// is behind next on it has lost records, and gets a snapshot. A partition
+// already published is left alone.
+func (b *Broadcaster) Empty(topic string, topicID [16]byte, partition int32, next int64) {
+	key := KeyOf(topic, topicID, partition)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, seen := b.pos[key]; seen || next <= 0 || next >= MaxOffset {
+		return
+	}
+	if old, ok := b.topics[topic]; ok && old != key.Topic {
+		return // a stale report of a topic re-created since
+	}
+	if b.pos[key] = next; b.pos.slots() > MaxPartitions {
+		delete(b.pos, key)
+		return
+	}
+	b.win.low[key], b.win.base[key] = next, next
+	b.topics[topic] = key.Topic
+	b.names[key.Topic] = topicName{topic, topicID}
 }
 
 // flush is the timer's.

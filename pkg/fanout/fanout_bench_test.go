@@ -27,7 +27,7 @@ func BenchmarkBroadcast(b *testing.B) {
 			var wg sync.WaitGroup
 			subs := make([]*Subscription, viewers)
 			for i := range subs {
-				s, _, err := hub.SubscribeFrom(nil, nil)
+				s, _, err := hub.Subscribe(nil, nil)
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -21,7 +21,7 @@ func event(i int) Event {
 
 func mustSubscribe(t *testing.T, b *Broadcaster, onEnd func(Reason)) *Subscription {
 	t.Helper()
-	s, _, err := b.SubscribeFrom(nil, onEnd)
+	s, _, err := b.Subscribe(nil, onEnd)
 	if err != nil {
 		t.Fatalf("subscribe: %v", err)
 	}
@@ -150,7 +150,7 @@ func TestCloseEndsEverySubscription(t *testing.T) {
 	if calls.Load() != 1 {
 		t.Fatalf("onEnd called %d times", calls.Load())
 	}
-	if _, _, err := b.SubscribeFrom(nil, nil); !errors.Is(err, ErrClosed) {
+	if _, _, err := b.Subscribe(nil, nil); !errors.Is(err, ErrClosed) {
 		t.Fatalf("subscribe after close: %v, want ErrClosed", err)
 	}
 	if err := b.Close(); !errors.Is(err, ErrClosed) {
@@ -194,7 +194,7 @@ func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
 					return
 				default:
 				}
-				s, _, err := b.SubscribeFrom(nil, nil)
+				s, _, err := b.Subscribe(nil, nil)
 				if err != nil {
 					t.Error(err)
 					return

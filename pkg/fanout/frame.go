@@ -42,6 +42,25 @@ type Frame struct {
 	Bytes  []byte
 	Key    Key   // the partition of the record
 	Offset int64 // the record's offset
+	head   int   // length of the "id: ...\n" line at the start of Bytes
+}
+
+// id is the frame's id, as Encode wrote it.
+func (f *Frame) id() string {
+	if f.head == 0 {
+		return ""
+	}
+	return string(f.Bytes[len("id: ") : f.head-1])
+}
+
+// withID returns the frame's bytes with id in place of its own.
+func (f *Frame) withID(id string) []byte {
+	body := f.Bytes[f.head:]
+	b := make([]byte, 0, len("id: \n")+len(id)+len(body))
+	b = append(b, "id: "...)
+	b = append(b, id...)
+	b = append(b, '\n')
+	return append(b, body...)
 }
 
 // EventName derives the SSE event name from a topic: the topic without the
@@ -76,6 +95,7 @@ func Encode(ev Event, id string) (*Frame, error) {
 		b.WriteString(id)
 		b.WriteByte('\n')
 	}
+	head := b.Len()
 	b.WriteString("event: ")
 	b.WriteString(name)
 	b.WriteString("\ndata: {\"topic\":")
@@ -95,7 +115,7 @@ func Encode(ev Event, id string) (*Frame, error) {
 		return nil, err
 	}
 	b.WriteString("}\n\n")
-	return &Frame{Bytes: b.Bytes()}, nil
+	return &Frame{Bytes: b.Bytes(), head: head}, nil
 }
 
 // writeString appends s as a JSON string without HTML escaping, as the

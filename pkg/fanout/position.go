@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"hash/fnv"
+	"maps"
 	"slices"
 )
 
@@ -36,14 +37,43 @@ func topicHash(topic string, topicID [16]byte) uint32 {
 // next record not yet seen. A partition that is absent is at offset 0.
 type Position map[Key]int64
 
-// ErrBadPosition is returned by ParsePosition for an id the relay did not make.
-var ErrBadPosition = errors.New("fanout: not a stream position")
+// Sentinel errors of positions.
+var (
+	// ErrBadPosition is returned by ParsePosition for an id the relay did not make.
+	ErrBadPosition = errors.New("fanout: not a stream position")
+	// ErrTooManyPartitions is returned by Publish for a record of a partition
+	// that would take the stream past MaxPartitions: its ids could not be read back.
+	ErrTooManyPartitions = errors.New("fanout: too many partitions for a stream position")
+)
 
 const (
 	positionVersion = 1
-	// MaxPositionLen bounds the ids the relay will parse (Last-Event-ID).
-	MaxPositionLen = 4096
+	// MaxPartitions bounds the partition slots of a position: for each topic,
+	// its highest partition number seen plus one, summed over topics.
+	MaxPartitions = 1024
+	// MaxOffset bounds an offset in a position (Kafka's never come near it).
+	MaxOffset = 1 << 62
+	// maxBinary is the longest position Encode can make within those limits:
+	// the version byte, then per topic its 4-byte hash and a 1-byte count
+	// (the most topics come with one slot each), and 9 bytes per offset.
+	maxBinary = 1 + MaxPartitions*(4+1) + MaxPartitions*9
+	// MaxPositionLen is the longest id Encode makes, and the longest that
+	// ParsePosition reads: base64 of maxBinary bytes.
+	MaxPositionLen = (maxBinary*8 + 5) / 6
 )
+
+// slots is the number of partition slots Encode writes for p.
+func (p Position) slots() int {
+	counts := map[uint32]int32{}
+	for k := range p {
+		counts[k.Topic] = max(counts[k.Topic], k.Partition+1)
+	}
+	n := 0
+	for _, c := range counts {
+		n += int(c)
+	}
+	return n
+}
 
 // Encode renders the position as an SSE id: base64url of a version byte, then
 // per topic (by hash, ascending): the 4-byte hash, the partition count n as a
@@ -58,11 +88,7 @@ func (p Position) appendBinary(b []byte) []byte {
 	for k := range p {
 		counts[k.Topic] = max(counts[k.Topic], k.Partition+1)
 	}
-	topics := make([]uint32, 0, len(counts))
-	for t := range counts {
-		topics = append(topics, t)
-	}
-	slices.Sort(topics)
+	topics := slices.Sorted(maps.Keys(counts))
 	b = append(b, positionVersion)
 	for _, t := range topics {
 		b = binary.BigEndian.AppendUint32(b, t)
@@ -74,7 +100,8 @@ func (p Position) appendBinary(b []byte) []byte {
 	return b
 }
 
-// ParsePosition decodes an id made by Encode.
+// ParsePosition decodes an id made by Encode. It reads every id Encode makes
+// within MaxPartitions and MaxOffset, and nothing longer.
 func ParsePosition(s string) (Position, error) {
 	if len(s) == 0 || len(s) > MaxPositionLen {
 		return nil, ErrBadPosition
@@ -85,20 +112,29 @@ func ParsePosition(s string) (Position, error) {
 	}
 	b = b[1:]
 	p := Position{}
+	slots := uint64(0)
+	seen := map[uint32]bool{}
 	for len(b) > 0 {
 		if len(b) < 4 {
 			return nil, ErrBadPosition
 		}
 		topic := binary.BigEndian.Uint32(b)
 		b = b[4:]
+		if seen[topic] {
+			return nil, ErrBadPosition // Encode writes each topic once
+		}
+		seen[topic] = true
 		n, w := binary.Uvarint(b)
-		if w <= 0 || n > uint64(len(b)) { // each offset takes at least one byte
+		if w <= 0 || n == 0 || n > uint64(len(b)) { // each offset takes at least one byte
+			return nil, ErrBadPosition
+		}
+		if slots += n; slots > MaxPartitions {
 			return nil, ErrBadPosition
 		}
 		b = b[w:]
 		for part := range int32(n) {
 			off, w := binary.Uvarint(b)
-			if w <= 0 || off > 1<<62 {
+			if w <= 0 || off > MaxOffset {
 				return nil, ErrBadPosition
 			}
 			b = b[w:]
@@ -109,3 +145,6 @@ func ParsePosition(s string) (Position, error) {
 	}
 	return p, nil
 }
+
+// Clone returns a copy of p.
+func (p Position) Clone() Position { return maps.Clone(p) }

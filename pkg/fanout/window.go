@@ -2,7 +2,9 @@ package fanout
 
 // window is the replay window: the newest frames in publish order, bounded in
 // count and bytes. For each partition it knows from which offset on it holds
-// every published record (low), so it can tell whether a resume is exact.
+// every published record (low), and the stream position just before its
+// oldest frame (base), so it can tell whether a resume is exact and which id
+// each of its frames carried.
 type window struct {
 	maxEvents, maxBytes int
 
@@ -11,10 +13,11 @@ type window struct {
 	n     int
 	bytes int
 	low   map[Key]int64
+	base  Position
 }
 
 func newWindow(maxEvents, maxBytes int) *window {
-	return &window{maxEvents: maxEvents, maxBytes: maxBytes, low: map[Key]int64{}}
+	return &window{maxEvents: maxEvents, maxBytes: maxBytes, low: map[Key]int64{}, base: Position{}}
 }
 
 func (w *window) at(i int) *Frame { return w.ring[(w.head+i)%len(w.ring)] }
@@ -36,6 +39,7 @@ func (w *window) add(f *Frame) {
 		w.n--
 		w.bytes -= len(old.Bytes)
 		w.low[old.Key] = old.Offset + 1
+		w.base[old.Key] = old.Offset + 1
 	}
 }
 
@@ -56,52 +60,87 @@ func (w *window) reset(next Position) {
 	*w = *newWindow(w.maxEvents, w.maxBytes)
 	for k, v := range next {
 		w.low[k] = v
+		w.base[k] = v
 	}
 }
 
-// resume computes what a viewer that has seen everything before from needs;
-// now is the position after the newest published frame, names the topics'
-// names by hash (to name the missing ranges).
-func (w *window) resume(from, now Position, names map[uint32]topicName) Resume {
-	r := Resume{}
-	for k, next := range now {
-		v := from[k]
-		switch {
-		case v > next:
-			// Ahead of this replica: skip what it already saw. Far ahead is
-			// not a position of this stream.
-			if v-next > int64(w.maxEvents) {
-				return Resume{Gap: true}
-			}
-			if r.Skip == nil {
-				r.Skip = Position{}
-			}
-			r.Skip[k] = v
-		case v < w.low[k]:
-			// Records between v and low are no longer here.
-			r.Gap = true
+// plan is what resuming from a position takes, worked out under the
+// broadcaster's lock: what to read back from Kafka, and which window frames
+// follow it.
+type plan struct {
+	// missing lists, per partition, the records before the window that the
+	// viewer has not seen; have is the viewer's position once they are read.
+	missing []Range
+	have    Position
+	// replay holds the window's frames from the first one the viewer lacks,
+	// in publish order; at is the stream position just before replay[0],
+	// for the partitions of have (what the replayed frames' ids build on).
+	replay []*Frame
+	at     Position
+}
+
+// plan works out a resume from from, a position the client sent; now is the
+// position after the newest frame, names the current topics by hash. It
+// returns ErrUnusable for a position this stream could not have issued: empty,
+// naming a topic it does not have (or had before it was re-created), or
+// further ahead of it than a window. from is not modified.
+func (w *window) plan(from, now Position, names map[uint32]topicName) (plan, error) {
+	if len(from) == 0 {
+		return plan{}, ErrUnusable
+	}
+	merged := now.Clone()
+	for k, v := range from {
+		if _, ok := names[k.Topic]; !ok || v-now[k] > int64(w.maxEvents) {
+			return plan{}, ErrUnusable
+		}
+		merged[k] = max(merged[k], v)
+	}
+	if merged.slots() > MaxPartitions { // the viewer's ids could not be read back
+		return plan{}, ErrUnusable
+	}
+	p := plan{have: from.Clone()}
+	for k := range now {
+		if v, low := from[k], w.low[k]; v < low {
 			n := names[k.Topic]
-			r.Missing = append(r.Missing, Range{Topic: n.name, TopicID: n.id, Partition: k.Partition, From: v, To: w.low[k]})
+			p.missing = append(p.missing, Range{Topic: n.name, TopicID: n.id, Partition: k.Partition, From: v, To: low})
+			p.have[k] = low
 		}
 	}
-	if r.Gap {
-		return Resume{Gap: true, Missing: r.Missing}
-	}
-	for k, v := range from {
-		if _, known := now[k]; !known && v > 0 {
-			// A partition this replica has read nothing of yet: whatever it
-			// reads below v was seen.
-			if r.Skip == nil {
-				r.Skip = Position{}
-			}
-			r.Skip[k] = v
+	p.at = Position{}
+	for k := range p.have {
+		if v, ok := w.base[k]; ok {
+			p.at[k] = v
 		}
 	}
 	for i := range w.n {
 		f := w.at(i)
-		if f.Offset >= from[f.Key] {
-			r.Replay = append(r.Replay, f)
+		if f.Offset >= p.have[f.Key] {
+			p.replay = make([]*Frame, 0, w.n-i)
+			for j := i; j < w.n; j++ {
+				p.replay = append(p.replay, w.at(j))
+			}
+			break
+		}
+		if _, ok := p.have[f.Key]; ok {
+			p.at[f.Key] = f.Offset + 1
 		}
 	}
-	return r
+	return p, nil
+}
+
+// since returns the frames published after at, a position this broadcaster
+// gave out, or ErrGap when the window no longer holds all of them.
+func (w *window) since(at Position) ([]*Frame, error) {
+	for k, low := range w.low {
+		if at[k] < low && w.base[k] > 0 {
+			return nil, ErrGap
+		}
+	}
+	var out []*Frame
+	for i := range w.n {
+		if f := w.at(i); f.Offset >= at[f.Key] {
+			out = append(out, f)
+		}
+	}
+	return out, nil
 }

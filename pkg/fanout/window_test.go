@@ -1,7 +1,10 @@
 package fanout
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
+	"slices"
 	"testing"
 )
 
@@ -13,58 +16,66 @@ func publishN(t *testing.T, b *Broadcaster, topic string, partition int32, from,
 	}
 }
 
+// resumeSent resumes from from without Kafka and returns the offsets of the
+// replayed frames the cursor lets through, in order.
+func resumeSent(t *testing.T, b *Broadcaster, from Position) ([]int64, error) {
+	t.Helper()
+	s, r, err := b.Resume(context.Background(), from, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	var sent []int64
+	for _, f := range r.Replay {
+		if r.Cursor.Frame(f) != nil {
+			sent = append(sent, f.Offset)
+		}
+	}
+	return sent, nil
+}
+
 // Resuming replays exactly the frames after the position, in order; a
-// position the window no longer covers, or far ahead of it, asks for a snapshot.
+// position the window no longer covers is a gap, and one far ahead of it, or
+// naming a topic the stream does not have, is not a position of this stream.
 func TestResumeFromWindow(t *testing.T) {
 	b := New(Options{Buffer: 16, WindowEvents: 10})
 	publishN(t, b, "identity.formed", 0, 0, 6) // offsets 0..5 on p0
 	publishN(t, b, "identity.formed", 1, 0, 6) // offsets 0..5 on p1; window keeps p0 4,5 and p1 0..5
 	p0, p1 := KeyOf("identity.formed", [16]byte{}, 0), KeyOf("identity.formed", [16]byte{}, 1)
+	other := KeyOf("identity.other", [16]byte{}, 0)
 
 	cases := []struct {
-		name    string
-		from    Position
-		gap     bool
-		replay  []int64 // offsets, in publish order
-		skipKey *Key
+		name   string
+		from   Position
+		err    error
+		replay []int64 // offsets, in publish order
 	}{
 		{name: "inside the window", from: Position{p0: 5, p1: 3}, replay: []int64{5, 3, 4, 5}},
 		{name: "at the end", from: Position{p0: 6, p1: 6}},
-		{name: "before the window", from: Position{p0: 1, p1: 6}, gap: true},
-		{name: "partition missing means nothing seen, and p1 from 0 is covered", from: Position{p0: 4}, replay: []int64{4, 5, 0, 1, 2, 3, 4, 5}},
-		{name: "ahead of this replica", from: Position{p0: 8, p1: 6}, skipKey: &p0},
-		{name: "far ahead", from: Position{p0: 1 << 40, p1: 6}, gap: true},
+		{name: "before the window, no Kafka", from: Position{p0: 1, p1: 6}, err: ErrGap},
+		{name: "p0 missing means nothing of it seen: before the window", from: Position{p1: 4}, err: ErrGap},
+		{name: "p1 missing means nothing of it seen, and the window has it all", from: Position{p0: 4}, replay: []int64{4, 5, 0, 1, 2, 3, 4, 5}},
+		{name: "ahead of this replica", from: Position{p0: 8, p1: 6}},
+		{name: "far ahead", from: Position{p0: 1 << 40, p1: 6}, err: ErrUnusable},
+		{name: "a partition this replica has not read yet", from: Position{p0: 6, p1: 6, KeyOf("identity.formed", [16]byte{}, 7): 3}},
+		{name: "a topic this replica does not have", from: Position{p0: 6, p1: 6, other: 3}, err: ErrUnusable},
+		{name: "empty", from: Position{}, err: ErrUnusable},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			s, r, err := b.SubscribeFrom(c.from, nil)
-			if err != nil {
-				t.Fatal(err)
+			sent, err := resumeSent(t, b, c.from)
+			if !errors.Is(err, c.err) {
+				t.Fatalf("err %v, want %v", err, c.err)
 			}
-			defer s.Close()
-			if r.Gap != c.gap {
-				t.Fatalf("gap %v, want %v", r.Gap, c.gap)
-			}
-			if c.gap {
-				return
-			}
-			if len(r.Replay) != len(c.replay) {
-				t.Fatalf("replayed %d frames, want %d", len(r.Replay), len(c.replay))
-			}
-			for i, f := range r.Replay {
-				if f.Offset != c.replay[i] {
-					t.Fatalf("replay[%d] offset %d, want %d", i, f.Offset, c.replay[i])
-				}
-			}
-			if c.skipKey != nil && r.Skip[*c.skipKey] != c.from[*c.skipKey] {
-				t.Fatalf("skip %v", r.Skip)
+			if !slices.Equal(sent, c.replay) {
+				t.Fatalf("replayed offsets %v, want %v", sent, c.replay)
 			}
 		})
 	}
 	// A new viewer (nil position) gets nothing to replay.
-	s, r, err := b.SubscribeFrom(nil, nil)
-	if err != nil || r.Gap || len(r.Replay) != 0 {
-		t.Fatalf("fresh viewer: %+v %v", r, err)
+	s, replay, err := b.Subscribe(nil, nil)
+	if err != nil || len(replay) != 0 {
+		t.Fatalf("fresh viewer: %d frames, %v", len(replay), err)
 	}
 	s.Close()
 }
@@ -85,9 +96,9 @@ func TestIDsAndBackfill(t *testing.T) {
 	if got := string(f.Bytes[:len("id: ")+len(want)+1]); got != "id: "+want+"\n" {
 		t.Fatalf("frame starts %q, want id %q", got, want)
 	}
-	_, r, err := b.SubscribeFrom(Position{KeyOf("identity.formed", [16]byte{}, 0): 7, KeyOf("identity.merged", [16]byte{}, 2): 3}, nil)
-	if err != nil || r.Gap || len(r.Replay) != 2 {
-		t.Fatalf("resume over backfill: %+v %v", r, err)
+	sent, err := resumeSent(t, b, Position{KeyOf("identity.formed", [16]byte{}, 0): 7, KeyOf("identity.merged", [16]byte{}, 2): 3})
+	if err != nil || len(sent) != 2 {
+		t.Fatalf("resume over backfill: %v %v", sent, err)
 	}
 }
 
@@ -133,15 +144,18 @@ func TestTopicRecreatedIsANewStream(t *testing.T) {
 	if _, ok := b.Position()[KeyOf("identity.formed", oldID, 0)]; ok {
 		t.Fatal("the old topic's partition is still in the position")
 	}
-	// Resuming from just after the re-creation: exact, the new topic from offset 0.
-	after := Position{KeyOf("identity.merged", [16]byte{9}, 0): 51, KeyOf("identity.formed", oldID, 0): 50}
-	_, r, err := b.SubscribeFrom(after, nil)
-	if err != nil || r.Gap || len(r.Replay) != 3 || r.Replay[0].Offset != 0 || r.Replay[0].Key != KeyOf("identity.formed", newID, 0) {
-		t.Fatalf("resume after the re-creation: gap %v, %d frames, err %v", r.Gap, len(r.Replay), err)
+	// Resuming from the first frame after the re-creation: exact, the rest
+	// of the new topic.
+	after := Position{KeyOf("identity.merged", [16]byte{9}, 0): 51, KeyOf("identity.formed", newID, 0): 1}
+	if sent, err := resumeSent(t, b, after); err != nil || !slices.Equal(sent, []int64{1, 2}) {
+		t.Fatalf("resume after the re-creation: %v, %v; want offsets 1, 2", sent, err)
 	}
-	// From before it: identity.merged 50 was published before the window was
-	// emptied, so the window cannot bring this viewer up to date.
-	if _, r, _ := b.SubscribeFrom(before, nil); !r.Gap {
-		t.Fatalf("resume from before the re-creation replayed %d frames, want a gap", len(r.Replay))
+	// An id naming the deleted topic is not a position of this stream any more.
+	if _, err := resumeSent(t, b, before); !errors.Is(err, ErrUnusable) {
+		t.Fatalf("resume from before the re-creation: %v, want ErrUnusable", err)
+	}
+	// Nor is one of the other topic alone from before it: the window was emptied.
+	if _, err := resumeSent(t, b, Position{KeyOf("identity.merged", [16]byte{9}, 0): 50}); !errors.Is(err, ErrGap) {
+		t.Fatalf("resume from before the re-creation: %v, want ErrGap", err)
 	}
 }
