@@ -110,7 +110,7 @@ type mviewer struct {
 	// the snapshot covers what the replica skipped (records gone from Kafka
 	// before it read them): the ids do not claim those, and need not.
 	floor Position
-	ids    []string // ids received, oldest first
+	ids   []string // ids received, oldest first
 }
 
 type model struct {

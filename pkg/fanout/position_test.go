@@ -3,6 +3,7 @@ package fanout
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"testing"
 )
 
@@ -71,4 +72,69 @@ func TestPositionSparsePartitions(t *testing.T) {
 	if back[k(0)] != 5 || back[k(3)] != 9 || len(back) != 2 {
 		t.Fatalf("back %v", back)
 	}
+}
+
+// Every id Encode can make within MaxPartitions and MaxOffset is one
+// ParsePosition reads back: the longest fits MaxPositionLen, and Publish
+// refuses the partition that would go past MaxPartitions.
+func TestPositionLimitsAgree(t *testing.T) {
+	worst := Position{}
+	for i := range MaxPartitions { // one slot per topic: the most bytes
+		worst[Key{Topic: uint32(i), Partition: 0}] = MaxOffset
+	}
+	id := worst.Encode()
+	if len(id) > MaxPositionLen {
+		t.Fatalf("id of %d bytes, longer than MaxPositionLen %d", len(id), MaxPositionLen)
+	}
+	if back, err := ParsePosition(id); err != nil || len(back) != MaxPartitions {
+		t.Fatalf("the longest id: %d partitions back, %v", len(back), err)
+	}
+	over := Position{Key{Topic: 1, Partition: MaxPartitions}: 1} // slots 0..MaxPartitions
+	if _, err := ParsePosition(over.Encode()); !errors.Is(err, ErrBadPosition) {
+		t.Fatalf("%d slots: %v, want ErrBadPosition", MaxPartitions+1, err)
+	}
+
+	b := New(Options{})
+	for p := range int32(MaxPartitions) {
+		mustPublish(t, b, Event{Topic: "identity.many", Type: "t", TS: "1", Payload: []byte(`{}`), Partition: p, Offset: 1 << 40})
+	}
+	err := b.Publish(Event{Topic: "identity.more", Type: "t", TS: "1", Payload: []byte(`{}`)})
+	if !errors.Is(err, ErrTooManyPartitions) {
+		t.Fatalf("publish past %d partitions: %v, want ErrTooManyPartitions", MaxPartitions, err)
+	}
+	s, _, err := b.Subscribe(nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	mustPublish(t, b, Event{Topic: "identity.many", Type: "t", TS: "1", Payload: []byte(`{}`), Partition: 5, Offset: 1<<40 + 1})
+	f := one(t, s)
+	if _, err := ParsePosition(f.id()); err != nil {
+		t.Fatalf("id of %d bytes issued with %d partitions does not parse: %v", len(f.id()), MaxPartitions, err)
+	}
+}
+
+// FuzzParsePosition: any input is a position or ErrBadPosition, never a
+// panic; a position read re-encodes to one that reads back the same.
+func FuzzParsePosition(f *testing.F) {
+	f.Add("AQ")
+	f.Add(Position{KeyOf("identity.formed", [16]byte{}, 0): 5, KeyOf("identity.merged", [16]byte{1}, 3): 1 << 40}.Encode())
+	f.Add("garbage!")
+	f.Fuzz(func(t *testing.T, s string) {
+		p, err := ParsePosition(s)
+		if err != nil {
+			if !errors.Is(err, ErrBadPosition) {
+				t.Fatalf("error %v, want ErrBadPosition", err)
+			}
+			return
+		}
+		id := p.Encode()
+		if len(id) > MaxPositionLen {
+			t.Fatalf("re-encoded to %d bytes", len(id))
+		}
+		back, err := ParsePosition(id)
+		if err != nil || !maps.Equal(back, p) {
+			t.Fatalf("%v re-encoded to %q, read back %v, %v", p, id, back, err)
+		}
+	})
 }
