@@ -365,6 +365,33 @@ func (c *countingViewer) read(body io.Reader) {
 	}
 }
 
+// dialStalled sends request and never reads: a viewer that stalls. It
+// advertises an Ethernet-sized MSS and a small receive buffer, set before
+// connecting: the kernel sizes the relay's send buffer from the MSS, and with
+// the 64 KiB loopback MSS 1,000 stalled sockets would hold over a gigabyte
+// of kernel memory and push the machine's TCP memory into pressure. The
+// connection is closed at the end of the test.
+func dialStalled(t *testing.T, addr string, request []byte) net.Conn {
+	t.Helper()
+	dialer := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var e1, e2 error
+		err := c.Control(func(fd uintptr) {
+			e1 = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 1460)
+			e2 = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		})
+		return errors.Join(err, e1, e2)
+	}}
+	conn, err := dialer.Dial("tcp", addr)
+	if err != nil {
+		t.Fatalf("stalled viewer: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	if _, err := conn.Write(request); err != nil {
+		t.Fatalf("stalled viewer: %v", err)
+	}
+	return conn
+}
+
 // TestNonReadingViewersDroppedMemoryBounded guards: 1,000 non-reading viewers are dropped as slow, 100 readers get every frame, relay RSS stays bounded.
 func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	const stalled, readers = 1000, 100
@@ -375,40 +402,18 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	rssStart := vmRSS(t, pid)
 	token := viewerToken(t)
 
-	// The stalled viewers: a request, then never a read. Each advertises an
-	// Ethernet-sized MSS and a small receive buffer, set before connecting:
-	// the kernel sizes the relay's send buffer from the MSS, and with the
-	// 64 KiB loopback MSS 1,000 stalled sockets would hold over a gigabyte
-	// of kernel memory and push the machine's TCP memory into pressure.
+	// The stalled viewers: a request, then never a read.
 	addr := strings.TrimPrefix(r.URL, "http://")
 	request := []byte("GET /api/v1/identities/events?token=" + token + " HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n\r\n")
-	dialer := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		var e1, e2 error
-		err := c.Control(func(fd uintptr) {
-			e1 = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 1460)
-			e2 = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		})
-		return errors.Join(err, e1, e2)
-	}}
 	conns := make([]net.Conn, stalled)
+	for i := range stalled {
+		conns[i] = dialStalled(t, addr, request)
+	}
 	closeStalled := sync.OnceFunc(func() {
 		for _, c := range conns {
-			if c != nil {
-				c.Close()
-			}
+			c.Close()
 		}
 	})
-	t.Cleanup(closeStalled)
-	for i := range stalled {
-		conn, err := dialer.Dial("tcp", addr)
-		if err != nil {
-			t.Fatalf("stalled viewer %d: %v", i, err)
-		}
-		conns[i] = conn
-		if _, err := conn.Write(request); err != nil {
-			t.Fatalf("stalled viewer %d: %v", i, err)
-		}
-	}
 	// The reading viewers, connected at once so that they share a snapshot read.
 	client := streamClient(t)
 	cvs := make([]*countingViewer, readers)
@@ -546,7 +551,6 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	// events add is the window's frames, with GC headroom (GOGC=100 lets the
 	// heap reach twice the live data; 4x and 64 MiB spare leave margin).
 	shared := rssConnected + 4*window + 64<<20
-	mib := func(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 	t.Logf("%d events of %d-byte frames; VmRSS: started %s, %d viewers connected %s, peak %s, end %s; worst-case bound %s, shared-frame bound %s",
 		produced, frame, mib(rssStart), stalled+readers, mib(rssConnected), mib(peak.Load()), mib(rssEnd), mib(bound), mib(shared))
 	if peak.Load() >= bound {
@@ -588,3 +592,6 @@ func closingSockets(t *testing.T, baseURL string) int {
 	}
 	return n
 }
+
+// mib formats a byte count in MiB.
+func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }

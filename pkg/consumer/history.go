@@ -17,6 +17,9 @@ import (
 // a read may be: only a snapshot helps then.
 var ErrHistoryGone = errors.New("consumer: records no longer in Kafka")
 
+// historyFetchBytes bounds one fetch of a read-back.
+const historyFetchBytes = 1 << 20
+
 // History reads runs of partitions back from Kafka for viewers that resume
 // from a position older than the replay window. At most a few reads run at
 // once, each on a Kafka client of its own that is kept for the next read,
@@ -73,10 +76,11 @@ func (h *History) client(cl *kgo.Client) (*kgo.Client, error) {
 		// A range that starts below the log start is gone: fail, do not skip.
 		kgo.ConsumeResetOffset(kgo.NoResetOffset()),
 		kgo.FetchMaxWait(100*time.Millisecond),
-		// What one fetch may buffer: the byte bound of a read, and one record
-		// of the largest size relayed beyond it (Kafka always returns one).
-		kgo.FetchMaxBytes(int32(min(h.maxBytes, 1<<30))),
-		kgo.FetchMaxPartitionBytes(int32(min(h.maxBytes, 1<<30))),
+		// A read holds what it decoded until it ends; small fetches keep the
+		// raw responses it is decoded from to a little beside that (Kafka
+		// still returns a larger record whole).
+		kgo.FetchMaxBytes(historyFetchBytes),
+		kgo.FetchMaxPartitionBytes(historyFetchBytes),
 		kgo.ClientID("identity-relay-history"),
 	)
 	if err != nil {
