@@ -300,8 +300,11 @@ func (c *Consumer) handle(r *kgo.Record, topicID [16]byte) {
 		end, existed := c.startEnds[tp]
 		ev.Backfill = existed && r.Offset < end
 		err = c.sink.Publish(ev)
-		if errors.Is(err, fanout.ErrBadName) {
+		switch {
+		case errors.Is(err, fanout.ErrBadName):
 			err = skip(SkipBadTopic, "%v", err)
+		case errors.Is(err, fanout.ErrTooManyPartitions):
+			err = skip(SkipTooManyPartitions, "%v", err)
 		}
 	}
 	if err == nil {

@@ -34,6 +34,8 @@ const (
 	SkipBadType     = "bad_type"     // envelope whose type is neither a string nor null
 	SkipBadTS       = "bad_ts"       // envelope whose ts is not a finite number
 	SkipBadTopic    = "bad_topic"    // topic that cannot name an SSE event
+	// SkipTooManyPartitions: a partition past the 1,024 a stream id can name.
+	SkipTooManyPartitions = "too_many_partitions"
 )
 
 // Decode maps one Kafka record to the event browsers see (CONTRACT.md, "Input").

@@ -30,15 +30,18 @@ import (
 const modelSeeds = 400
 
 func TestResumeModel(t *testing.T) {
-	viewers := 0
+	viewers, frames, resumes := 0, 0, map[string]int{}
 	for seed := range uint64(modelSeeds) {
 		m := runModel(t, newChooser(nil, seed), 300)
-		viewers += len(m.viewers)
+		viewers, frames = viewers+len(m.viewers), frames+m.frames
+		for k, n := range m.resumes {
+			resumes[k] += n
+		}
 		if t.Failed() {
 			t.Fatalf("seed %d failed", seed)
 		}
 	}
-	t.Logf("%d schedules, %d viewers", modelSeeds, viewers)
+	t.Logf("%d schedules, %d viewers, %d frames checked; connects: %v", modelSeeds, viewers, frames, resumes)
 }
 
 // FuzzResumeModel explores schedules beyond the fixed seeds: the input
@@ -122,11 +125,15 @@ type model struct {
 	viewers  []*mviewer
 	// during, if set, runs inside a Kafka read-back (the race with publishing).
 	during func()
+	// resumes counts how viewers came back: window, kafka, snapshot; frames
+	// counts the frames checked.
+	resumes map[string]int
+	frames  int
 }
 
 func runModel(t *testing.T, c *chooser, steps int) *model {
 	t.Helper()
-	m := &model{t: t, c: c, byKey: map[Key]int{}}
+	m := &model{t: t, c: c, byKey: map[Key]int{}, resumes: map[string]int{}}
 	for ti, topic := range []string{"identity.formed", "identity.merged"} {
 		for p := range int32(1 + c.n(3)) {
 			mp := &mpart{topic: topic, id: [16]byte{byte(ti + 1)}, part: p}
@@ -307,6 +314,11 @@ func (m *model) resume(v *mviewer, from Position) {
 	if err != nil {
 		m.t.Fatalf("resume: %v", err)
 	}
+	if len(res.Kafka) > 0 {
+		m.resumes["kafka"]++
+	} else {
+		m.resumes["window"]++
+	}
 	v.sub, v.cursor, v.have, v.floor = sub, res.Cursor, from.Clone(), nil
 	for _, f := range res.Kafka {
 		m.check(v, f, "kafka")
@@ -319,6 +331,7 @@ func (m *model) resume(v *mviewer, from Position) {
 // snapshot serves v as a new viewer: the snapshot is read at the replica's
 // position then, and the frames published while it is read are replayed.
 func (m *model) snapshot(v *mviewer) {
+	m.resumes["snapshot"]++
 	at := v.rep.b.Position()
 	floor := Position{}
 	for i, p := range m.parts {
@@ -413,6 +426,7 @@ func (m *model) check(v *mviewer, frame []byte, what string) {
 		v.have[k] = max(v.have[k], o)
 	}
 	v.ids = append(v.ids, id)
+	m.frames++
 }
 
 // modelHistory reads the model's log back, as consumer.History reads Kafka.
