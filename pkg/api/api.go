@@ -52,9 +52,11 @@ type History interface {
 
 // Config is the API's part of the relay's settings.
 type Config struct {
-	JWTSecret      []byte
-	JWTIssuer      string
-	JWTAudience    string
+	JWTSecret   []byte
+	JWTIssuer   string
+	JWTAudience string
+	// JWTLeeway is the clock skew allowed on iat and nbf (see newVerifier).
+	JWTLeeway      time.Duration
 	MaxPerUser     int           // per-user stream cap (429 past it)
 	MaxConnections int           // global stream cap (503 past it)
 	Keepalive      time.Duration // comment frame after this long without a frame
@@ -120,7 +122,7 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 		cfg:    cfg,
 		store:  newCachedStore(store, cfg.AuthCacheTTL),
 		broker: broker,
-		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience),
+		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience, cfg.JWTLeeway),
 		log:    cfg.Logger.With("component", "api"),
 		limits: newLimiter(cfg.MaxPerUser, cfg.MaxConnections),
 		snaps:  &snapshotCache{timeout: cfg.DBTimeout, position: broker.Position},

@@ -44,11 +44,16 @@ type verifier struct {
 	parser *jwt.Parser
 }
 
-func newVerifier(secret []byte, issuer, audience string) *verifier {
+// newVerifier allows leeway of clock skew on iat and nbf: a DECNET clock a
+// second ahead must not make fresh tokens 401. Not on exp, which the parser
+// would also stretch: the token's lifetime is DECNET's decision, and a
+// stream ends at exp (viewer.go), so verify checks exp without it.
+func newVerifier(secret []byte, issuer, audience string, leeway time.Duration) *verifier {
 	opts := []jwt.ParserOption{
 		jwt.WithValidMethods([]string{jwt.SigningMethodHS256.Alg()}),
 		jwt.WithExpirationRequired(),
 		jwt.WithIssuedAt(),
+		jwt.WithLeeway(leeway),
 	}
 	if issuer != "" {
 		opts = append(opts, jwt.WithIssuer(issuer))
@@ -71,7 +76,7 @@ func (v *verifier) verify(token string) (*claims, error) {
 	if err != nil {
 		return nil, errBadToken
 	}
-	if c.UUID == "" || c.ID == "" {
+	if c.UUID == "" || c.ID == "" || !time.Now().Before(c.ExpiresAt.Time) {
 		return nil, errBadToken
 	}
 	return &c, nil
@@ -79,7 +84,8 @@ func (v *verifier) verify(token string) (*claims, error) {
 
 // issuedBeforeCutoff applies CONTRACT.md: iat < floor(tokens_valid_from) in
 // epoch seconds is refused, and so is a token without iat when the user has a
-// cut-off.
+// cut-off. No clock-skew leeway here: both times are DECNET's, and leeway
+// would let tokens issued just before a "log out everywhere" through.
 func issuedBeforeCutoff(c *claims, u *User) bool {
 	if u.TokensValidFrom == nil {
 		return false

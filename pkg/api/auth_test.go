@@ -181,6 +181,7 @@ func (l recordingListener) Accept() (net.Conn, error) {
 func testConfig() Config {
 	return Config{
 		JWTSecret:      []byte(testSecret),
+		JWTLeeway:      5 * time.Second,
 		MaxPerUser:     5,
 		MaxConnections: 100,
 		Keepalive:      time.Minute,
@@ -455,6 +456,12 @@ func TestAuth(t *testing.T) {
 		// Claims.
 		{name: "expired", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"exp": now.Add(-time.Minute).Unix()})), code: 401, body: bodyCredentials},
 		{name: "nbf in the future", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"nbf": now.Add(time.Hour).Unix()})), code: 401, body: bodyCredentials},
+		// Clock skew: DECNET's clock 2 s ahead is within the 5 s leeway; 10 s is not. exp gets none.
+		{name: "iat 2 s in the future, within the leeway", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"iat": now.Add(2 * time.Second).Unix()})), code: 200},
+		{name: "nbf 2 s in the future, within the leeway", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"nbf": now.Add(2 * time.Second).Unix()})), code: 200},
+		{name: "iat 10 s in the future, beyond the leeway", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"iat": now.Add(10 * time.Second).Unix()})), code: 401, body: bodyCredentials},
+		{name: "nbf 10 s in the future, beyond the leeway", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"nbf": now.Add(10 * time.Second).Unix()})), code: 401, body: bodyCredentials},
+		{name: "exp 2 s ago, no leeway on exp", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"exp": now.Add(-2 * time.Second).Unix()})), code: 401, body: bodyCredentials},
 		{name: "missing uuid, sub names the user", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"uuid": nil, "sub": "u-viewer"})), code: 401, body: bodyCredentials},
 		{name: "uuid not a string", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"uuid": 7})), code: 401, body: bodyCredentials},
 		{name: "missing jti", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"jti": nil})), code: 401, body: bodyCredentials},
