@@ -67,8 +67,9 @@ func testUsers() map[string]*User {
 }
 
 // fakeStore is an in-memory Store. Its fields are set before the server
-// starts and not changed after.
+// starts, and changed after only through update.
 type fakeStore struct {
+	mu       sync.Mutex
 	users    map[string]*User
 	revoked  map[string]bool
 	snapshot string
@@ -86,15 +87,25 @@ func newFakeStore() *fakeStore {
 	return &fakeStore{users: testUsers(), revoked: map[string]bool{"jti-revoked": true}, snapshot: testSnapshot}
 }
 
+// update changes the store while the server runs, as the database would.
+func (s *fakeStore) update(change func(*fakeStore)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	change(s)
+}
+
 func (s *fakeStore) call(ctx context.Context, method string) error {
-	if s.blocks[method] {
+	s.mu.Lock()
+	block, err := s.blocks[method], s.errs[method]
+	s.mu.Unlock()
+	if block {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-s.gate:
 		}
 	}
-	return s.errs[method]
+	return err
 }
 
 func (s *fakeStore) User(ctx context.Context, uuid string) (*User, error) {
@@ -102,6 +113,8 @@ func (s *fakeStore) User(ctx context.Context, uuid string) (*User, error) {
 	if err := s.call(ctx, "User"); err != nil {
 		return nil, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	u, ok := s.users[uuid]
 	if !ok {
 		return nil, nil
@@ -115,6 +128,8 @@ func (s *fakeStore) Revoked(ctx context.Context, jti string) (bool, error) {
 	if err := s.call(ctx, "Revoked"); err != nil {
 		return false, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	return s.revoked[jti], nil
 }
 
