@@ -89,7 +89,11 @@ func TestStreamEndsWithItsCredential(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			store := newFakeStore()
-			h := newHarness(t, store, func(c *Config) { c.AuthCacheTTL = testRecheck })
+			h := newHarness(t, store, func(c *Config) {
+				c.AuthCacheTTL = testRecheck
+				// The stream is idle past its last write's deadline when it ends.
+				c.WriteTimeout = testRecheck / 4
+			})
 			tok := hs256(t, claimsFor("u-viewer", tt.claims))
 			resp := h.get(t, "", tok)
 			checkStream(t, resp)
@@ -108,6 +112,25 @@ func TestStreamEndsWithItsCredential(t *testing.T) {
 			}
 			checkRefused(t, h.get(t, "", tok), tt.code, tt.body)
 		})
+	}
+}
+
+// TestShutdownEndsIdleStreamCleanly guards the end of a stream that was idle
+// longer than WriteTimeout: the deadline of its last write has passed, and
+// the last chunk must still go out (a browser would otherwise see an error).
+func TestShutdownEndsIdleStreamCleanly(t *testing.T) {
+	h := newHarness(t, newFakeStore(), func(c *Config) { c.WriteTimeout = 50 * time.Millisecond })
+	resp := h.get(t, "", hs256(t, claimsFor("u-viewer", nil)))
+	checkStream(t, resp)
+	time.Sleep(200 * time.Millisecond) // past the deadline of the last write
+	if err := h.broker.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if rest, err := readToEnd(t, resp.Body); err != nil {
+		t.Fatalf("stream cut instead of ended: %v (read %q)", err, rest)
+	}
+	if got := h.waitMetric(t, `relay_viewer_disconnects_total{reason="shutdown"}`, 1); got != 1 {
+		t.Errorf("%v disconnects for shutdown, want 1", got)
 	}
 }
 

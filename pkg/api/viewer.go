@@ -328,6 +328,14 @@ func (v *viewer) endResponse() error {
 	if !v.chunked {
 		return nil
 	}
+	// On a stream idle for longer than WriteTimeout the last write's
+	// deadline has passed: the last chunk would fail at once.
+	if err := v.conn.SetWriteDeadline(time.Now().Add(v.s.cfg.WriteTimeout)); err != nil {
+		return err
+	}
+	if v.sub.Reason() == fanout.ReasonSlow {
+		return errDropped // dropped while re-arming, as in write
+	}
 	_, err := v.conn.Write(lastChunk)
 	return err
 }
