@@ -36,16 +36,19 @@ func TestStreamEndsWithItsCredential(t *testing.T) {
 	// All streams at once: each may wait up to the 10 s cache.
 	tokens := make([]string, len(tests))
 	viewers := make([]*sseViewer, len(tests))
+	changed := make([]time.Time, len(tests)) // when the credential became invalid
 	for i, tt := range tests {
 		user, jti := relaytest.AddUser(t, db, "viewer"), relaytest.RandomID(8)
-		tokens[i] = relaytest.TokenUntil(t, relaytest.Secret, user, jti, time.Now().Add(tt.exp))
+		exp := time.Now().Add(tt.exp).Truncate(time.Second) // exp is whole seconds
+		tokens[i] = relaytest.TokenUntil(t, relaytest.Secret, user, jti, exp)
 		viewers[i] = openViewer(t, streamClient(t), r.URL, tokens[i])
 		expectStarted(t, viewers[i:i+1], 30*time.Second)
+		changed[i] = exp
 		if tt.change != nil {
 			tt.change(t, db, user, jti)
+			changed[i] = time.Now()
 		}
 	}
-	changed := time.Now()
 	for i, tt := range tests {
 		select {
 		case <-viewers[i].done:
@@ -55,7 +58,7 @@ func TestStreamEndsWithItsCredential(t *testing.T) {
 		if _, err := viewers[i].ended(); err != nil {
 			t.Fatalf("%s: the stream was cut, not ended between frames: %v", tt.name, err)
 		}
-		t.Logf("%s: stream ended %v after the change", tt.name, time.Since(changed).Round(time.Millisecond))
+		t.Logf("%s: stream ended %v after the credential became invalid", tt.name, time.Since(changed[i]).Round(time.Millisecond))
 	}
 	waitMetricAtLeast(t, r.URL, `relay_viewer_disconnects_total{reason="credential"}`, float64(len(tests)), 10*time.Second)
 	for i, tt := range tests {
