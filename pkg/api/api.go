@@ -52,11 +52,10 @@ type History interface {
 
 // Config is the API's part of the relay's settings.
 type Config struct {
-	JWTSecret   []byte
-	JWTIssuer   string
-	JWTAudience string
-	// JWTLeeway is the clock skew allowed on iat and nbf (see newVerifier).
-	JWTLeeway      time.Duration
+	JWTSecret      []byte
+	JWTIssuer      string
+	JWTAudience    string
+	JWTLeeway      time.Duration // clock skew allowed on iat and nbf (see newVerifier)
 	MaxPerUser     int           // per-user stream cap (429 past it)
 	MaxConnections int           // global stream cap (503 past it)
 	Keepalive      time.Duration // comment frame after this long without a frame
