@@ -533,7 +533,7 @@ func timedConnect(t *testing.T, baseURL, token string) (code int, body string, t
 	return resp.StatusCode, string(b), took
 }
 
-// TestDatabaseOutage guards: PostgreSQL down: new viewers get 503 + JSON detail in < 2 s, open streams go on, viewers accepted < 5 s after it returns.
+// TestDatabaseOutage guards: PostgreSQL down: new viewers get 503 + JSON detail in < 2 s, open streams go on (their credential re-checks fail and keep them), viewers accepted < 5 s after it returns.
 func TestDatabaseOutage(t *testing.T) {
 	env, topic := resumeEnv(t, nil)
 	r, cl := startOnTopic(t, env, topic, 1)
@@ -571,6 +571,8 @@ func TestDatabaseOutage(t *testing.T) {
 		check(fmt.Sprintf("fresh user %d (user lookup fails)", i), u)
 	}
 	check("fresh user 0 again (a failed lookup is not cached)", fresh[0])
+	// The open stream re-checks its credential (each 10 s) and cannot: it is kept.
+	waitMetricAtLeast(t, r.URL, "relay_credential_rechecks_failed_total", 1, 30*time.Second)
 	if code := statusOf(r.URL + "/readyz"); code != http.StatusServiceUnavailable {
 		t.Fatalf("/readyz = %d with the database down, want 503", code)
 	}

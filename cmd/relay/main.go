@@ -101,7 +101,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	history := consumer.NewHistory(consCfg, historyReads, historyMaxRecords, historyMaxBytes)
 	defer history.Close()
 	srv, err := api.New(api.Config{
-		JWTSecret: []byte(secret), JWTIssuer: cfg.JWTIssuer, JWTAudience: cfg.JWTAudience,
+		JWTSecret: []byte(secret), JWTIssuer: cfg.JWTIssuer, JWTAudience: cfg.JWTAudience, JWTLeeway: cfg.JWTLeeway,
 		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
 		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
 		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, SendBuffer: cfg.SendBuffer, AuthCacheTTL: 10 * time.Second,

@@ -32,6 +32,7 @@ type Config struct {
 	JWTSecret         string        // RELAY_JWT_SECRET, at least 32 characters, required
 	JWTIssuer         string        // RELAY_JWT_ISSUER, checked only when set
 	JWTAudience       string        // RELAY_JWT_AUDIENCE, checked only when set
+	JWTLeeway         time.Duration // RELAY_JWT_LEEWAY, default 5s: clock skew allowed on iat and nbf
 	MaxPerUser        int           // RELAY_SSE_MAX_PER_USER, default 5
 	MaxConnections    int           // RELAY_SSE_MAX_CONNECTIONS, default 10000
 	Keepalive         time.Duration // RELAY_SSE_KEEPALIVE, default 15s
@@ -78,6 +79,8 @@ var settings = []setting{
 		func(c *Config, v string) error { c.JWTIssuer = v; return nil }},
 	{"RELAY_JWT_AUDIENCE", "", "required aud claim; not checked when empty",
 		func(c *Config, v string) error { c.JWTAudience = v; return nil }},
+	{"RELAY_JWT_LEEWAY", "5s", "clock skew allowed between DECNET and the relay on the iat and nbf claims (not on exp); 0 allows none",
+		func(c *Config, v string) (err error) { c.JWTLeeway, err = nonNegativeDuration(v); return }},
 	{"RELAY_SSE_MAX_PER_USER", "5", "open streams per user; past it 429",
 		func(c *Config, v string) (err error) { c.MaxPerUser, err = positiveInt(v); return }},
 	{"RELAY_SSE_MAX_CONNECTIONS", "10000", "open streams per replica; past it 503",

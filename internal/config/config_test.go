@@ -38,7 +38,7 @@ func TestDefaultsAndPrecedence(t *testing.T) {
 	if c.ListenAddr != ":8080" || c.TopicsRegex != `^identity\..+` || c.MaxPerUser != 5 || c.Keepalive != 15*time.Second ||
 		c.SubscriberBuffer != 256 || c.SnapshotLimit != 50 || c.ShutdownTimeout != 25*time.Second || c.LogFormat != "json" ||
 		c.Retry != 3*time.Second || c.ReplayWindow != 10000 || len(c.KafkaBrokers) != 2 || c.KafkaBrokers[1] != "k2:9092" ||
-		c.FlushInterval != 5*time.Millisecond || c.SendBuffer != 1<<20 {
+		c.FlushInterval != 5*time.Millisecond || c.SendBuffer != 1<<20 || c.JWTLeeway != 5*time.Second {
 		t.Fatalf("defaults: %+v", c)
 	}
 	c, err = Load([]string{"--sse-max-per-user", "9", "--listen-addr=:9000"}, env(with(map[string]string{"RELAY_SSE_MAX_PER_USER": "3"})), &bytes.Buffer{})
@@ -62,6 +62,7 @@ func TestInvalidSettings(t *testing.T) {
 		{"short secret", with(map[string]string{"RELAY_JWT_SECRET": "short-secret"}), nil, "RELAY_JWT_SECRET: must be at least 32 characters, got 12"},
 		{"bad duration", with(map[string]string{"RELAY_SSE_KEEPALIVE": "soon"}), nil, `RELAY_SSE_KEEPALIVE (--sse-keepalive): "soon": want a positive duration`},
 		{"negative flush interval", with(map[string]string{"RELAY_SSE_FLUSH_INTERVAL": "-1ms"}), nil, `RELAY_SSE_FLUSH_INTERVAL (--sse-flush-interval): "-1ms": want a duration such as 5ms, or 0`},
+		{"negative leeway", with(map[string]string{"RELAY_JWT_LEEWAY": "-1s"}), nil, `RELAY_JWT_LEEWAY (--jwt-leeway): "-1s": want a duration such as 5ms, or 0`},
 		{"negative send buffer", with(map[string]string{"RELAY_SSE_SEND_BUFFER": "-1"}), nil, `RELAY_SSE_SEND_BUFFER (--sse-send-buffer): "-1": want a non-negative integer`},
 		{"zero buffer", with(map[string]string{"RELAY_SUBSCRIBER_BUFFER": "0"}), nil, `RELAY_SUBSCRIBER_BUFFER (--subscriber-buffer): "0": want a positive integer`},
 		{"bad regex", with(map[string]string{"RELAY_KAFKA_TOPICS_REGEX": "("}), nil, `RELAY_KAFKA_TOPICS_REGEX (--kafka-topics-regex): "(":`},

@@ -238,9 +238,15 @@ func AddUser(t testing.TB, db *sqlx.DB, role string) string {
 // Token mints an HS256 token for user with the usual claims, valid for an hour.
 func Token(t testing.TB, secret, user string) string {
 	t.Helper()
-	now := time.Now()
+	return TokenUntil(t, secret, user, RandomID(8), time.Now().Add(time.Hour))
+}
+
+// TokenUntil mints an HS256 token for user with the token id jti, issued
+// now and expiring at exp.
+func TokenUntil(t testing.TB, secret, user, jti string, exp time.Time) string {
+	t.Helper()
 	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-		"uuid": user, "jti": RandomID(8), "iat": now.Unix(), "exp": now.Add(time.Hour).Unix(),
+		"uuid": user, "jti": jti, "iat": time.Now().Unix(), "exp": exp.Unix(),
 	}).SignedString([]byte(secret))
 	if err != nil {
 		t.Fatal(err)

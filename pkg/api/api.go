@@ -53,6 +53,7 @@ type Config struct {
 	JWTSecret      []byte
 	JWTIssuer      string
 	JWTAudience    string
+	JWTLeeway      time.Duration // clock skew allowed on iat and nbf (see newVerifier)
 	MaxPerUser     int           // per-user stream cap (429 past it)
 	MaxConnections int           // global stream cap (503 past it)
 	Keepalive      time.Duration // comment frame after this long without a frame
@@ -65,7 +66,9 @@ type Config struct {
 	WriteTimeout time.Duration
 	// SendBuffer, if not 0, is each stream's SO_SNDBUF in bytes.
 	SendBuffer int
-	// AuthCacheTTL is how long user rows and revocations are cached (CONTRACT.md allows 10 s).
+	// AuthCacheTTL is how long user rows and revocations are cached
+	// (CONTRACT.md allows 10 s), and so how often an open stream re-checks
+	// its credential (credential.go).
 	AuthCacheTTL time.Duration
 	Logger       *slog.Logger
 	Registerer   prometheus.Registerer
@@ -84,7 +87,7 @@ type Config struct {
 // Server is the HTTP side of the relay.
 type Server struct {
 	cfg    Config
-	store  Store
+	store  *cachedStore
 	broker Broker
 	auth   *verifier
 	log    *slog.Logger
@@ -125,7 +128,7 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 		cfg:    cfg,
 		store:  newCachedStore(store, cfg.AuthCacheTTL),
 		broker: broker,
-		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience),
+		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience, cfg.JWTLeeway),
 		log:    cfg.Logger.With("component", "api"),
 		limits: newLimiter(cfg.MaxPerUser, cfg.MaxConnections),
 		reads:  newReadBacks(cfg.ReadBacks),
@@ -232,11 +235,12 @@ func (s *Server) accessLog(c *gin.Context) {
 }
 
 type metrics struct {
-	connected   prometheus.Gauge
-	connects    *prometheus.CounterVec
-	disconnects *prometheus.CounterVec
-	snapshot    prometheus.Histogram
-	resumes     *prometheus.CounterVec
+	connected      prometheus.Gauge
+	connects       *prometheus.CounterVec
+	disconnects    *prometheus.CounterVec
+	snapshot       prometheus.Histogram
+	resumes        *prometheus.CounterVec
+	rechecksFailed prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -257,8 +261,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_resumes_total", Help: "Streams opened with Last-Event-ID, by how they resumed: window, kafka (the gap read back) or snapshot.",
 		}, []string{"via"}),
+		rechecksFailed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_credential_rechecks_failed_total", Help: "Re-checks of an open stream's credential that could not reach the database; the stream was kept.",
+		}),
 	}
-	for _, col := range []prometheus.Collector{m.connected, m.connects, m.disconnects, m.snapshot, m.resumes} {
+	for _, col := range []prometheus.Collector{m.connected, m.connects, m.disconnects, m.snapshot, m.resumes, m.rechecksFailed} {
 		if err := reg.Register(col); err != nil {
 			return nil, err
 		}

@@ -3,6 +3,8 @@ package api
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -44,11 +46,16 @@ type verifier struct {
 	parser *jwt.Parser
 }
 
-func newVerifier(secret []byte, issuer, audience string) *verifier {
+// newVerifier allows leeway of clock skew on iat and nbf: a DECNET clock a
+// second ahead must not make fresh tokens 401. Not on exp, which the parser
+// would also stretch: the token's lifetime is DECNET's decision, and a
+// stream ends at exp (viewer.go), so verify checks exp without it.
+func newVerifier(secret []byte, issuer, audience string, leeway time.Duration) *verifier {
 	opts := []jwt.ParserOption{
 		jwt.WithValidMethods([]string{jwt.SigningMethodHS256.Alg()}),
 		jwt.WithExpirationRequired(),
 		jwt.WithIssuedAt(),
+		jwt.WithLeeway(leeway),
 	}
 	if issuer != "" {
 		opts = append(opts, jwt.WithIssuer(issuer))
@@ -71,7 +78,7 @@ func (v *verifier) verify(token string) (*claims, error) {
 	if err != nil {
 		return nil, errBadToken
 	}
-	if c.UUID == "" || c.ID == "" {
+	if c.UUID == "" || c.ID == "" || !time.Now().Before(c.ExpiresAt.Time) {
 		return nil, errBadToken
 	}
 	return &c, nil
@@ -79,7 +86,8 @@ func (v *verifier) verify(token string) (*claims, error) {
 
 // issuedBeforeCutoff applies CONTRACT.md: iat < floor(tokens_valid_from) in
 // epoch seconds is refused, and so is a token without iat when the user has a
-// cut-off.
+// cut-off. No clock-skew leeway here: both times are DECNET's, and leeway
+// would let tokens issued just before a "log out everywhere" through.
 func issuedBeforeCutoff(c *claims, u *User) bool {
 	if u.TokensValidFrom == nil {
 		return false
@@ -92,9 +100,43 @@ func issuedBeforeCutoff(c *claims, u *User) bool {
 	return c.IssuedAt.Unix() < u.TokensValidFrom.Unix()
 }
 
+// check applies CONTRACT.md's database checks to verified claims, in its
+// order: user, cut-off, revocation, must_change_password, role. It returns
+// the status and body to refuse with (code 0: allowed) and when the cached
+// lookups it used expire, before which a check learns nothing new (zero
+// when they were not cached). An error is a failed lookup: the database's
+// fault, not the credential's.
+func (s *Server) check(ctx context.Context, cl *claims) (code int, body []byte, until time.Time, err error) {
+	u, until, err := s.store.User(ctx, cl.UUID)
+	if err != nil {
+		return 0, nil, time.Time{}, fmt.Errorf("user lookup: %w", err)
+	}
+	if u == nil || issuedBeforeCutoff(cl, u) {
+		return http.StatusUnauthorized, bodyUnauthorized, until, nil
+	}
+	revoked, revokedUntil, err := s.store.Revoked(ctx, cl.ID)
+	if err != nil {
+		return 0, nil, time.Time{}, fmt.Errorf("revocation lookup: %w", err)
+	}
+	if revokedUntil.Before(until) {
+		until = revokedUntil
+	}
+	switch {
+	case revoked:
+		return http.StatusUnauthorized, bodyUnauthorized, until, nil
+	case u.MustChangePassword:
+		return http.StatusForbidden, bodyMustChange, until, nil
+	case u.Role != "viewer" && u.Role != "admin":
+		return http.StatusForbidden, bodyForbidden, until, nil
+	}
+	return 0, nil, until, nil
+}
+
 // cachedStore keeps user rows and revocations for ttl, and lets concurrent
 // lookups of one key share one query, so a reconnect storm costs a handful
-// of queries, not one per viewer. Errors are not cached.
+// of queries, not one per viewer, and so do the re-checks of open streams.
+// Errors are not cached. User and Revoked also return when the value leaves
+// the cache (zero when it was not cached).
 type cachedStore struct {
 	Store
 	users   cache[*User]
@@ -105,7 +147,7 @@ func newCachedStore(s Store, ttl time.Duration) *cachedStore {
 	return &cachedStore{Store: s, users: newCache[*User](ttl), revoked: newCache[bool](ttl)}
 }
 
-func (c *cachedStore) User(ctx context.Context, uuid string) (*User, error) {
+func (c *cachedStore) User(ctx context.Context, uuid string) (*User, time.Time, error) {
 	return c.users.get(uuid, func() (*User, error) {
 		ctx, cancel := detach(ctx)
 		defer cancel()
@@ -113,7 +155,7 @@ func (c *cachedStore) User(ctx context.Context, uuid string) (*User, error) {
 	})
 }
 
-func (c *cachedStore) Revoked(ctx context.Context, jti string) (bool, error) {
+func (c *cachedStore) Revoked(ctx context.Context, jti string) (bool, time.Time, error) {
 	return c.revoked.get(jti, func() (bool, error) {
 		ctx, cancel := detach(ctx)
 		defer cancel()
@@ -147,25 +189,27 @@ type cached[T any] struct {
 }
 
 type call[T any] struct {
-	done chan struct{}
-	v    T
-	err  error
+	done    chan struct{}
+	v       T
+	expires time.Time
+	err     error
 }
 
 func newCache[T any](ttl time.Duration) cache[T] {
 	return cache[T]{ttl: ttl, entries: map[string]cached[T]{}, calls: map[string]*call[T]{}}
 }
 
-func (c *cache[T]) get(key string, load func() (T, error)) (T, error) {
+// get returns the value of key, and when it expires from the cache.
+func (c *cache[T]) get(key string, load func() (T, error)) (T, time.Time, error) {
 	c.mu.Lock()
 	if e, ok := c.entries[key]; ok && time.Now().Before(e.expires) {
 		c.mu.Unlock()
-		return e.v, nil
+		return e.v, e.expires, nil
 	}
 	if cl, ok := c.calls[key]; ok {
 		c.mu.Unlock()
 		<-cl.done // bounded: the leader's lookup has the database timeout
-		return cl.v, cl.err
+		return cl.v, cl.expires, cl.err
 	}
 	cl := &call[T]{done: make(chan struct{})}
 	c.calls[key] = cl
@@ -187,9 +231,10 @@ func (c *cache[T]) get(key string, load func() (T, error)) (T, error) {
 				clear(c.entries)
 			}
 		}
-		c.entries[key] = cached[T]{v: cl.v, expires: now.Add(c.ttl)}
+		cl.expires = now.Add(c.ttl)
+		c.entries[key] = cached[T]{v: cl.v, expires: cl.expires}
 	}
 	c.mu.Unlock()
 	close(cl.done)
-	return cl.v, cl.err
+	return cl.v, cl.expires, cl.err
 }

@@ -67,8 +67,9 @@ func testUsers() map[string]*User {
 }
 
 // fakeStore is an in-memory Store. Its fields are set before the server
-// starts and not changed after.
+// starts, and changed after only through update.
 type fakeStore struct {
+	mu       sync.Mutex
 	users    map[string]*User
 	revoked  map[string]bool
 	snapshot string
@@ -86,15 +87,25 @@ func newFakeStore() *fakeStore {
 	return &fakeStore{users: testUsers(), revoked: map[string]bool{"jti-revoked": true}, snapshot: testSnapshot}
 }
 
+// update changes the store while the server runs, as the database would.
+func (s *fakeStore) update(change func(*fakeStore)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	change(s)
+}
+
 func (s *fakeStore) call(ctx context.Context, method string) error {
-	if s.blocks[method] {
+	s.mu.Lock()
+	block, err := s.blocks[method], s.errs[method]
+	s.mu.Unlock()
+	if block {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-s.gate:
 		}
 	}
-	return s.errs[method]
+	return err
 }
 
 func (s *fakeStore) User(ctx context.Context, uuid string) (*User, error) {
@@ -102,6 +113,8 @@ func (s *fakeStore) User(ctx context.Context, uuid string) (*User, error) {
 	if err := s.call(ctx, "User"); err != nil {
 		return nil, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	u, ok := s.users[uuid]
 	if !ok {
 		return nil, nil
@@ -115,6 +128,8 @@ func (s *fakeStore) Revoked(ctx context.Context, jti string) (bool, error) {
 	if err := s.call(ctx, "Revoked"); err != nil {
 		return false, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	return s.revoked[jti], nil
 }
 
@@ -181,6 +196,7 @@ func (l recordingListener) Accept() (net.Conn, error) {
 func testConfig() Config {
 	return Config{
 		JWTSecret:      []byte(testSecret),
+		JWTLeeway:      5 * time.Second,
 		MaxPerUser:     5,
 		MaxConnections: 100,
 		Keepalive:      time.Minute,
@@ -455,6 +471,12 @@ func TestAuth(t *testing.T) {
 		// Claims.
 		{name: "expired", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"exp": now.Add(-time.Minute).Unix()})), code: 401, body: bodyCredentials},
 		{name: "nbf in the future", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"nbf": now.Add(time.Hour).Unix()})), code: 401, body: bodyCredentials},
+		// Clock skew: DECNET's clock 2 s ahead is within the 5 s leeway; 10 s is not. exp gets none.
+		{name: "iat 2 s in the future, within the leeway", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"iat": now.Add(2 * time.Second).Unix()})), code: 200},
+		{name: "nbf 2 s in the future, within the leeway", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"nbf": now.Add(2 * time.Second).Unix()})), code: 200},
+		{name: "iat 10 s in the future, beyond the leeway", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"iat": now.Add(10 * time.Second).Unix()})), code: 401, body: bodyCredentials},
+		{name: "nbf 10 s in the future, beyond the leeway", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"nbf": now.Add(10 * time.Second).Unix()})), code: 401, body: bodyCredentials},
+		{name: "exp 2 s ago, no leeway on exp", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"exp": now.Add(-2 * time.Second).Unix()})), code: 401, body: bodyCredentials},
 		{name: "missing uuid, sub names the user", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"uuid": nil, "sub": "u-viewer"})), code: 401, body: bodyCredentials},
 		{name: "uuid not a string", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"uuid": 7})), code: 401, body: bodyCredentials},
 		{name: "missing jti", query: hs256(t, claimsFor("u-viewer", jwt.MapClaims{"jti": nil})), code: 401, body: bodyCredentials},

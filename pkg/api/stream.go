@@ -12,38 +12,24 @@ import (
 	"github.com/decnet/identity-relay/pkg/fanout"
 )
 
-// authorize applies CONTRACT.md's checks in order and returns the user, or the
-// status and body to answer with.
-func (s *Server) authorize(ctx context.Context, token string) (*User, int, []byte) {
+// authorize applies CONTRACT.md's checks in order and returns the claims and
+// when to re-check them (see check), or the status and body to answer with.
+func (s *Server) authorize(ctx context.Context, token string) (*claims, time.Time, int, []byte) {
 	cl, err := s.auth.verify(token)
 	if err != nil {
-		return nil, http.StatusUnauthorized, bodyUnauthorized
+		return nil, time.Time{}, http.StatusUnauthorized, bodyUnauthorized
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.DBTimeout)
 	defer cancel()
-	u, err := s.store.User(ctx, cl.UUID)
+	code, body, until, err := s.check(ctx, cl)
 	if err != nil {
-		s.log.Warn("user lookup failed", "err", err)
-		return nil, http.StatusServiceUnavailable, bodyDatabaseDown
+		s.log.Warn("credential lookup failed", "err", err)
+		return nil, time.Time{}, http.StatusServiceUnavailable, bodyDatabaseDown
 	}
-	if u == nil || issuedBeforeCutoff(cl, u) {
-		return nil, http.StatusUnauthorized, bodyUnauthorized
+	if code != 0 {
+		return nil, time.Time{}, code, body
 	}
-	revoked, err := s.store.Revoked(ctx, cl.ID)
-	if err != nil {
-		s.log.Warn("revocation lookup failed", "err", err)
-		return nil, http.StatusServiceUnavailable, bodyDatabaseDown
-	}
-	if revoked {
-		return nil, http.StatusUnauthorized, bodyUnauthorized
-	}
-	if u.MustChangePassword {
-		return nil, http.StatusForbidden, bodyMustChange
-	}
-	if u.Role != "viewer" && u.Role != "admin" {
-		return nil, http.StatusForbidden, bodyForbidden
-	}
-	return u, 0, nil
+	return cl, until, 0, nil
 }
 
 // events serves GET /api/v1/identities/events. Every refusal is decided and
@@ -56,12 +42,13 @@ func (s *Server) events(c *gin.Context) {
 		return
 	}
 	ctx := c.Request.Context()
-	user, code, body := s.authorize(ctx, tokenFrom(c.GetHeader("Authorization"), c.Query("token")))
+	cl, recheck, code, body := s.authorize(ctx, tokenFrom(c.GetHeader("Authorization"), c.Query("token")))
 	if code != 0 {
 		s.fail(c, code, body)
 		return
 	}
-	switch s.limits.acquire(user.UUID) {
+	user := cl.UUID
+	switch s.limits.acquire(user) {
 	case slotUserFull:
 		s.fail(c, http.StatusTooManyRequests, detail(fmt.Sprintf("SSE connection limit (%d) reached", s.cfg.MaxPerUser)))
 		return
@@ -69,10 +56,10 @@ func (s *Server) events(c *gin.Context) {
 		s.fail(c, http.StatusServiceUnavailable, bodyGlobalCap)
 		return
 	}
-	v := &viewer{s: s, user: user.UUID}
+	v := &viewer{s: s, user: user, cred: cl, recheck: recheck, credentialEnd: make(chan struct{})}
 	defer func() {
 		if v.conn == nil { // not handed over to a stream: give the slot back
-			s.limits.release(user.UUID)
+			s.limits.release(user)
 		}
 	}()
 

@@ -41,6 +41,7 @@ const (
 	reasonShutdown   = "shutdown"
 	reasonWriteError = "write_error"
 	reasonInternal   = "internal"
+	reasonCredential = "credential" // the token expired or a re-check refused it (credential.go)
 )
 
 // viewer is one admitted stream. Its goroutine (run) is the only writer of conn.
@@ -60,6 +61,13 @@ type viewer struct {
 	cut          atomic.Pointer[net.Conn]
 	lastDeadline time.Time
 	lastWrite    time.Time // the keepalive timer is not reset per batch, only checked against this
+	// The credential the stream was opened with, when to re-check it, and
+	// what watchCredential closes to end the stream (credential.go).
+	cred          *claims
+	recheck       time.Time
+	credentialEnd chan struct{}
+	credTimer     *time.Timer
+	recheckFailed bool // the last re-check could not reach the database
 }
 
 // onEnd is called once by whoever ends the subscription: a viewer dropped as
@@ -267,12 +275,13 @@ func (v *viewer) run(o opening) {
 	defer func() {
 		if r := recover(); r != nil {
 			s.log.Error("stream failed", "panic", r)
-			if v.writeFrames(frameError) == nil && v.chunked {
-				_, _ = v.conn.Write(lastChunk)
+			if v.writeFrames(frameError) == nil {
+				_ = v.endResponse()
 			}
 			reason = reasonInternal
 		}
 		v.sub.Close()
+		v.credTimer.Stop()
 		if reason == reasonSlow {
 			// Reset instead of a graceful close: the kernel would otherwise keep
 			// the unsent frames (up to tcp_wmem's maximum, 4 MiB by default) for
@@ -291,6 +300,7 @@ func (v *viewer) run(o opening) {
 	}()
 
 	go watchClose(v.conn, v.sub)
+	v.watchCredential()
 
 	if _, err := v.conn.Write(v.responseHead()); err != nil {
 		v.readBackDone()
@@ -321,13 +331,20 @@ func (v *viewer) run(o opening) {
 				reason = v.writeFailed()
 				return
 			}
-			if v.chunked {
-				if _, err := v.conn.Write(lastChunk); err != nil {
-					reason = v.writeFailed()
-					return
-				}
+			if err := v.endResponse(); err != nil {
+				reason = v.writeFailed()
+				return
 			}
 			reason = reasonShutdown
+			return
+		case <-v.credentialEnd:
+			// No more frames for this credential; the browser reconnects
+			// and gets the 401 or 403 a new connection would.
+			if err := v.endResponse(); err != nil {
+				reason = v.writeFailed()
+				return
+			}
+			reason = reasonCredential
 			return
 		case next := <-queue:
 			if err := v.queued(next); err != nil {
@@ -346,6 +363,24 @@ func (v *viewer) run(o opening) {
 			keepalive.Reset(s.cfg.Keepalive)
 		}
 	}
+}
+
+// endResponse ends a chunked response cleanly with its last chunk, so the
+// browser reconnects; without chunks, closing the connection ends it.
+func (v *viewer) endResponse() error {
+	if !v.chunked {
+		return nil
+	}
+	// On a stream idle for longer than WriteTimeout the last write's
+	// deadline has passed: the last chunk would fail at once.
+	if err := v.conn.SetWriteDeadline(time.Now().Add(v.s.cfg.WriteTimeout)); err != nil {
+		return err
+	}
+	if v.sub.Reason() == fanout.ReasonSlow {
+		return errDropped // dropped while re-arming, as in write
+	}
+	_, err := v.conn.Write(lastChunk)
+	return err
 }
 
 // writeFailed names why a write failed: a viewer dropped as slow has its

@@ -110,6 +110,7 @@ RELAY_JWT_ISSUER: {{ . | quote }}
 {{- with .Values.config.jwtAudience }}
 RELAY_JWT_AUDIENCE: {{ . | quote }}
 {{- end }}
+RELAY_JWT_LEEWAY: {{ .Values.config.jwtLeeway | quote }}
 RELAY_SSE_MAX_PER_USER: {{ .Values.config.sseMaxPerUser | int | quote }}
 RELAY_SSE_MAX_CONNECTIONS: {{ .Values.config.sseMaxConnections | int | quote }}
 RELAY_SSE_KEEPALIVE: {{ .Values.config.sseKeepalive | quote }}
