@@ -11,7 +11,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -45,8 +44,6 @@ func main() {
 }
 
 const (
-	// readHeaderTimeout cuts clients that send headers too slowly (slowloris).
-	readHeaderTimeout = 5 * time.Second
 	// historyReads and historyMaxRecords bound reading resume gaps back from
 	// Kafka: reads at once, and records per read (a longer gap gets a snapshot).
 	historyReads      = 4
@@ -114,14 +111,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
 	}
-	httpSrv := &http.Server{
-		Handler:           srv.Handler(),
-		ReadHeaderTimeout: readHeaderTimeout,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
-		// No WriteTimeout: it would cut every long stream. Streams set
-		// per-write deadlines instead.
-	}
+	httpSrv := srv.HTTPServer()
 
 	consCtx, stopConsumer := context.WithCancel(context.Background())
 	consDone := make(chan error, 1)

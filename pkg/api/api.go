@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -67,6 +68,15 @@ type Config struct {
 	WriteTimeout time.Duration
 	// SendBuffer, if not 0, is each stream's SO_SNDBUF in bytes.
 	SendBuffer int
+	// UserTimeout, if not 0, is each stream's TCP_USER_TIMEOUT: a client
+	// that stops acknowledging is cut this long after the first unacknowledged write.
+	UserTimeout time.Duration
+	// ReadTimeout bounds reading a request, headers included; 0: 30 s.
+	ReadTimeout time.Duration
+	// TrustedProxies are the proxies (addresses or CIDRs) whose
+	// X-Forwarded-For and X-Real-IP give the logged client address. Empty:
+	// none, the address is the connection's.
+	TrustedProxies []string
 	// AuthCacheTTL is how long user rows and revocations are cached (CONTRACT.md allows 10 s).
 	AuthCacheTTL time.Duration
 	Logger       *slog.Logger
@@ -109,6 +119,9 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 	if cfg.Retry <= 0 {
 		cfg.Retry = 3 * time.Second
 	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = defaultReadTimeout
+	}
 	if cfg.ConsumerReady == nil {
 		cfg.ConsumerReady = func() bool { return true }
 	}
@@ -130,7 +143,10 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 	s.snaps.load = func(ctx context.Context) (json.RawMessage, error) { return s.store.Snapshot(ctx, cfg.SnapshotLimit) }
 	gin.SetMode(gin.ReleaseMode)
 	e := gin.New()
-	e.Use(s.recover, s.accessLog)
+	if err := e.SetTrustedProxies(cfg.TrustedProxies); err != nil {
+		return nil, fmt.Errorf("trusted proxies: %w", err)
+	}
+	e.Use(s.recover, s.accessLog, s.refuseBody)
 	e.GET(EventsPath, s.events)
 	e.GET("/healthz", func(c *gin.Context) { c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("ok\n")) })
 	e.GET("/readyz", s.readyz)
