@@ -97,6 +97,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
 		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
 		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, SendBuffer: cfg.SendBuffer, AuthCacheTTL: 10 * time.Second,
+		UserTimeout: cfg.UserTimeout, TrustedProxies: cfg.TrustedProxies,
 		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
 		History: consumer.NewHistory(consCfg, historyReads, historyMaxRecords),
 	}, st, hub)
