@@ -303,6 +303,60 @@ loop:
 	}
 }
 
+// TestAnnouncedBodyNeverSent guards issue 11's connection hoarding: 300
+// requests that announce a body and never send it each get a 413 at once and
+// are closed by the relay (they used to get no answer for minutes), and the
+// relay goes on serving.
+func TestAnnouncedBodyNeverSent(t *testing.T) {
+	const conns = 300
+	env, _ := resumeEnv(t, nil)
+	r := relaytest.Start(t, env)
+	addr := strings.TrimPrefix(r.URL, "http://")
+	token := viewerToken(t)
+	answers := make(chan error, conns)
+	for i := range conns {
+		target := "/api/v1/identities/events?token=" + token
+		if i%2 == 1 {
+			target = "/healthz"
+		}
+		go func() {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				answers <- err
+				return
+			}
+			defer conn.Close()
+			// Bounds a hang only: the answer comes at once.
+			_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.WriteString(conn, "GET "+target+" HTTP/1.1\r\nHost: relay\r\nContent-Length: 10\r\n\r\n"); err != nil {
+				answers <- err
+				return
+			}
+			got, err := io.ReadAll(conn) // to the relay's close
+			if err != nil && !strings.Contains(err.Error(), "connection reset") {
+				answers <- fmt.Errorf("%s: %v after %q", target, err, got)
+				return
+			}
+			if !bytes.HasPrefix(got, []byte("HTTP/1.1 413 ")) || !bytes.HasSuffix(got, []byte(`{"detail":"Request body not allowed"}`)) {
+				answers <- fmt.Errorf("%s: answered %q", target, got)
+				return
+			}
+			answers <- nil
+		}()
+	}
+	for range conns {
+		if err := <-answers; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if code := statusOf(r.URL + "/healthz"); code != http.StatusOK {
+		t.Fatalf("/healthz = %d after the requests", code)
+	}
+	if n := relaytest.Metric(t, r.URL, `relay_connects_total{code="413"}`); n != conns/2 {
+		t.Fatalf(`relay_connects_total{code="413"} = %v, want %d`, n, conns/2)
+	}
+}
+
 // countingViewer reads a stream as fast as it can and checks that its events
 // are {"seq":0}, {"seq":1}, ... in order, without keeping them.
 type countingViewer struct {
@@ -522,7 +576,7 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	t.Logf("%d events produced and read in %v", produced, time.Since(producing).Round(time.Millisecond))
 	rssEnd := vmRSS(t, pid)
 
-	for reason, want := range map[string]float64{"slow": stalled, "write_error": 0, "client_gone": 0, "internal": 0} {
+	for reason, want := range map[string]float64{"slow": stalled, "write_error": 0, "client_gone": 0, "client_sent": 0, "internal": 0} {
 		if n := relaytest.Metric(t, r.URL, `relay_viewer_disconnects_total{reason="`+reason+`"}`); n != want {
 			t.Fatalf("relay_viewer_disconnects_total{reason=%q} = %v, want %v", reason, n, want)
 		}

@@ -390,7 +390,7 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 		}
 	}
 	stillRunning(t, r)
-	for _, reason := range []string{"slow", "write_error", "client_gone", "internal", "shutdown"} {
+	for _, reason := range []string{"slow", "write_error", "client_gone", "client_sent", "internal", "shutdown"} {
 		if n := relaytest.Metric(t, r.URL, `relay_viewer_disconnects_total{reason="`+reason+`"}`); n != 0 {
 			t.Fatalf("relay_viewer_disconnects_total{reason=%q} = %v, want 0", reason, n)
 		}

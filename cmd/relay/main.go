@@ -11,7 +11,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -45,8 +44,6 @@ func main() {
 }
 
 const (
-	// readHeaderTimeout cuts clients that send headers too slowly (slowloris).
-	readHeaderTimeout = 5 * time.Second
 	// historyReads, historyMaxRecords and historyMaxBytes bound reading
 	// resume gaps back from Kafka: reads at once (one per user), and records
 	// and bytes (of record values, and of the frames made of them) per read.
@@ -105,6 +102,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
 		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
 		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, SendBuffer: cfg.SendBuffer, AuthCacheTTL: 10 * time.Second,
+		UserTimeout: cfg.UserTimeout, TrustedProxies: cfg.TrustedProxies,
 		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
 		History: history, ReadBacks: historyReads,
 	}, st, hub)
@@ -119,14 +117,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
 	}
-	httpSrv := &http.Server{
-		Handler:           srv.Handler(),
-		ReadHeaderTimeout: readHeaderTimeout,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
-		// No WriteTimeout: it would cut every long stream. Streams set
-		// per-write deadlines instead.
-	}
+	httpSrv := srv.HTTPServer()
 
 	consCtx, stopConsumer := context.WithCancel(context.Background())
 	consDone := make(chan error, 1)

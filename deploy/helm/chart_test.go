@@ -899,6 +899,8 @@ func TestBadValuesAreRejected(t *testing.T) {
 		{"plain secret value", append(slices.Clone(withSecret), "--set", "config.jwtSecret=abc"), "additional properties 'jwtSecret' not allowed"},
 		{"wrong type", append(slices.Clone(withSecret), "--set-string", "replicaCount=three"), "replicaCount"},
 		{"bad enum", append(slices.Clone(withSecret), "--set", "config.logFormat=xml"), "logFormat"},
+		{"bad user timeout", append(slices.Clone(withSecret), "--set", "config.sseUserTimeout=soon"), "sseUserTimeout"},
+		{"trusted proxies as a string", append(slices.Clone(withSecret), "--set", "config.trustedProxies=10.0.0.0/8"), "trustedProxies"},
 		{"grace period too short", append(slices.Clone(withSecret), "--set", "shutdown.terminationGracePeriodSeconds=30"), "must be greater than shutdown.preStopSleepSeconds + shutdown.drainTimeoutSeconds"},
 		{"HPA max below min", append(slices.Clone(withSecret), "--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=5", "--set", "autoscaling.maxReplicas=2"), "autoscaling.maxReplicas (2) must be >= autoscaling.minReplicas (5)"},
 		{"HTTPRoute without gateway", append(slices.Clone(withSecret), "--set", "httpRoute.enabled=true"), "httpRoute.parentRefs needs at least one Gateway"},
@@ -962,6 +964,29 @@ func TestGoMaxProcs(t *testing.T) {
 		c := relayContainer(t, b.deployments[0])
 		if got, _ := envValue(t, b, c, "GOMAXPROCS"); got != tc.want {
 			t.Errorf("--set %q: GOMAXPROCS %q, want %q", tc.set, got, tc.want)
+		}
+		checkInvariants(t, b, secretName)
+	}
+}
+
+// TestConnectionSettings guards that the user timeout and the trusted proxies reach the
+// ConfigMap, and that by default no proxy is trusted (the variable is not set).
+func TestConnectionSettings(t *testing.T) {
+	requireHelm(t)
+	for _, tc := range []struct {
+		set              []string
+		timeout, proxies string
+	}{
+		{nil, "30s", ""},
+		{[]string{"--set-string", "config.sseUserTimeout=0", "--set", "config.trustedProxies={10.244.0.0/16,192.168.1.1}"}, "0", "10.244.0.0/16,192.168.1.1"},
+	} {
+		b := mustRender(t, append([]string{"--set", "existingSecret.name=" + secretName}, tc.set...)...)
+		c := relayContainer(t, b.deployments[0])
+		if got, _ := envValue(t, b, c, "RELAY_SSE_USER_TIMEOUT"); got != tc.timeout {
+			t.Errorf("%q: RELAY_SSE_USER_TIMEOUT %q, want %q", tc.set, got, tc.timeout)
+		}
+		if got, _ := envValue(t, b, c, "RELAY_TRUSTED_PROXIES"); got != tc.proxies {
+			t.Errorf("%q: RELAY_TRUSTED_PROXIES %q, want %q", tc.set, got, tc.proxies)
 		}
 		checkInvariants(t, b, secretName)
 	}

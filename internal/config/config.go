@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
+	"net/url"
 	"regexp"
 	"strconv"
 	"strings"
@@ -25,6 +27,7 @@ const MinSecretLen = 32
 type Config struct {
 	Demo              bool          // --demo / RELAY_DEMO: in-process Kafka, memory store, live page; default false
 	ListenAddr        string        // RELAY_LISTEN_ADDR, default ":8080"
+	TrustedProxies    []string      // RELAY_TRUSTED_PROXIES, comma list of IPs and CIDRs, default none
 	KafkaBrokers      []string      // RELAY_KAFKA_BROKERS, comma list, required
 	TopicsRegex       string        // RELAY_KAFKA_TOPICS_REGEX, default `^identity\..+`
 	DatabaseURL       string        // RELAY_DATABASE_URL, postgres URL, required
@@ -40,6 +43,7 @@ type Config struct {
 	SubscriberBuffer  int           // RELAY_SUBSCRIBER_BUFFER, default 256 frames
 	FlushInterval     time.Duration // RELAY_SSE_FLUSH_INTERVAL, default 5ms; 0 writes every event at once
 	SendBuffer        int           // RELAY_SSE_SEND_BUFFER, bytes, default 1048576; 0 leaves the kernel's autotuning
+	UserTimeout       time.Duration // RELAY_SSE_USER_TIMEOUT, TCP_USER_TIMEOUT of streams, default 30s; 0 leaves the kernel's
 	Retry             time.Duration // RELAY_SSE_RETRY, default 3s
 	ReplayWindow      int           // RELAY_REPLAY_WINDOW, default 10000 events
 	ReplayWindowBytes int           // RELAY_REPLAY_WINDOW_BYTES, default 67108864
@@ -65,12 +69,14 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.Demo, err = strconv.ParseBool(v); return }},
 	{"RELAY_LISTEN_ADDR", ":8080", "address the HTTP server listens on",
 		func(c *Config, v string) error { c.ListenAddr = v; return nonEmpty(v) }},
+	{"RELAY_TRUSTED_PROXIES", "", "comma-separated IPs and CIDRs of the proxies whose X-Forwarded-For gives the logged client address; none when empty",
+		func(c *Config, v string) (err error) { c.TrustedProxies, err = ipsOrCIDRs(v); return }},
 	{"RELAY_KAFKA_BROKERS", "", "comma-separated Kafka bootstrap brokers, host:port (required)",
 		func(c *Config, v string) error { c.KafkaBrokers = splitList(v); return nil }},
 	{"RELAY_KAFKA_TOPICS_REGEX", `^identity\..+`, "topics to read; new matching topics are picked up within 10s",
 		func(c *Config, v string) error { c.TopicsRegex = v; _, err := regexp.Compile(v); return err }},
 	{"RELAY_DATABASE_URL", "", "PostgreSQL URL, postgres://user:pass@host:5432/db?sslmode=... (required)",
-		func(c *Config, v string) error { c.DatabaseURL = v; return nil }},
+		func(c *Config, v string) error { c.DatabaseURL = v; return databaseURL(v) }},
 	{"RELAY_DATABASE_TIMEOUT", "1.5s", "limit on each database call of a connect; past it the viewer gets 503",
 		func(c *Config, v string) (err error) { c.DatabaseTimeout, err = positiveDuration(v); return }},
 	{"RELAY_JWT_SECRET", "", "HS256 secret shared with DECNET, at least 32 characters (required)",
@@ -95,6 +101,8 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.FlushInterval, err = nonNegativeDuration(v); return }},
 	{"RELAY_SSE_SEND_BUFFER", "1048576", "kernel send buffer per stream (SO_SNDBUF), bytes: bounds a stalled viewer's kernel memory; 0 leaves it to the kernel (up to tcp_wmem's maximum)",
 		func(c *Config, v string) (err error) { c.SendBuffer, err = nonNegativeInt(v); return }},
+	{"RELAY_SSE_USER_TIMEOUT", "30s", "TCP_USER_TIMEOUT of streams: a client that stops acknowledging (gone to sleep, off the network) is cut this long after the relay's first unacknowledged write; 0 leaves it to the kernel (about 15 minutes)",
+		func(c *Config, v string) (err error) { c.UserTimeout, err = userTimeout(v); return }},
 	{"RELAY_SSE_RETRY", "3s", "reconnection delay hinted to browsers with retry: once per stream",
 		func(c *Config, v string) (err error) { c.Retry, err = positiveDuration(v); return }},
 	{"RELAY_REPLAY_WINDOW", "10000", "events kept in memory for Last-Event-ID resumes; also read back from Kafka per partition at start-up",
@@ -212,6 +220,44 @@ func splitList(v string) []string {
 		}
 	}
 	return out
+}
+
+// databaseURL checks v as lib/pq will parse it. url.Parse's error quotes
+// the URL, and its reason can hold a part of the password (a '/' in it
+// ends the host): neither is passed on.
+func databaseURL(v string) error {
+	if v == "" {
+		return nil // required: validate says so
+	}
+	if u, err := url.Parse(v); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		return errors.New("want a URL such as postgres://user:pass@host:5432/db?sslmode=require")
+	}
+	return nil
+}
+
+// userTimeout is 0 or at least a second: less would cut healthy clients
+// whose acknowledgements are merely late.
+func userTimeout(v string) (time.Duration, error) {
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 || (d > 0 && d < time.Second) {
+		return 0, errors.New("want 0 or a duration of at least 1s")
+	}
+	return d, nil
+}
+
+// ipsOrCIDRs splits a comma list of IP addresses and CIDRs, as Gin's
+// SetTrustedProxies takes them.
+func ipsOrCIDRs(v string) ([]string, error) {
+	list := splitList(v)
+	for _, p := range list {
+		if a, err := netip.ParseAddr(p); err == nil && a.Zone() == "" {
+			continue
+		}
+		if _, err := netip.ParsePrefix(p); err != nil {
+			return nil, fmt.Errorf("%q is not an IP address or CIDR", p)
+		}
+	}
+	return list, nil
 }
 
 func nonEmpty(v string) error {

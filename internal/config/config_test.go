@@ -38,7 +38,8 @@ func TestDefaultsAndPrecedence(t *testing.T) {
 	if c.ListenAddr != ":8080" || c.TopicsRegex != `^identity\..+` || c.MaxPerUser != 5 || c.Keepalive != 15*time.Second ||
 		c.SubscriberBuffer != 256 || c.SnapshotLimit != 50 || c.ShutdownTimeout != 25*time.Second || c.LogFormat != "json" ||
 		c.Retry != 3*time.Second || c.ReplayWindow != 10000 || len(c.KafkaBrokers) != 2 || c.KafkaBrokers[1] != "k2:9092" ||
-		c.FlushInterval != 5*time.Millisecond || c.SendBuffer != 1<<20 || c.JWTLeeway != 5*time.Second {
+		c.FlushInterval != 5*time.Millisecond || c.SendBuffer != 1<<20 || c.JWTLeeway != 5*time.Second ||
+		c.UserTimeout != 30*time.Second || c.TrustedProxies != nil {
 		t.Fatalf("defaults: %+v", c)
 	}
 	c, err = Load([]string{"--sse-max-per-user", "9", "--listen-addr=:9000"}, env(with(map[string]string{"RELAY_SSE_MAX_PER_USER": "3"})), &bytes.Buffer{})
@@ -70,6 +71,24 @@ func TestInvalidSettings(t *testing.T) {
 		{"bad flag value", valid, []string{"--snapshot-limit", "-1"}, `RELAY_SNAPSHOT_LIMIT (--snapshot-limit): "-1"`},
 		{"unknown flag", valid, []string{"--no-such-flag"}, "flag provided but not defined: -no-such-flag"},
 		{"stray argument", valid, []string{"extra"}, `unexpected argument "extra"`},
+		{"database URL with a bad port", with(map[string]string{"RELAY_DATABASE_URL": "postgres://relay:pw@db:port/decnet"}), nil,
+			`RELAY_DATABASE_URL (--database-url): "<redacted>": want a URL such as postgres://user:pass@host:5432/db?sslmode=require`},
+		{"database URL with a slash in the password", with(map[string]string{"RELAY_DATABASE_URL": "postgres://relay:pw/x@db/decnet"}), nil,
+			`RELAY_DATABASE_URL (--database-url): "<redacted>": want a URL`},
+		{"database URL of another scheme", with(map[string]string{"RELAY_DATABASE_URL": "mysql://relay:pw@db/decnet"}), nil,
+			`RELAY_DATABASE_URL (--database-url): "<redacted>": want a URL`},
+		{"database key=value string", with(map[string]string{"RELAY_DATABASE_URL": "host=db user=relay password=pw@db"}), nil,
+			`RELAY_DATABASE_URL (--database-url): "<redacted>": want a URL`},
+		{"negative user timeout", with(map[string]string{"RELAY_SSE_USER_TIMEOUT": "-1s"}), nil,
+			`RELAY_SSE_USER_TIMEOUT (--sse-user-timeout): "-1s": want 0 or a duration of at least 1s`},
+		{"user timeout under a second", with(map[string]string{"RELAY_SSE_USER_TIMEOUT": "500ms"}), nil,
+			`RELAY_SSE_USER_TIMEOUT (--sse-user-timeout): "500ms": want 0 or a duration of at least 1s`},
+		{"trusted proxy not an address", with(map[string]string{"RELAY_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"}), nil,
+			`RELAY_TRUSTED_PROXIES (--trusted-proxies): "10.0.0.0/8, proxy.local": "proxy.local" is not an IP address or CIDR`},
+		{"trusted proxy with a zone", with(map[string]string{"RELAY_TRUSTED_PROXIES": "fe80::1%eth0"}), nil,
+			`RELAY_TRUSTED_PROXIES (--trusted-proxies): "fe80::1%eth0": "fe80::1%eth0" is not an IP address or CIDR`},
+		{"trusted proxy CIDR out of range", with(map[string]string{"RELAY_TRUSTED_PROXIES": "10.0.0.0/33"}), nil,
+			`RELAY_TRUSTED_PROXIES (--trusted-proxies): "10.0.0.0/33": "10.0.0.0/33" is not an IP address or CIDR`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -80,8 +99,10 @@ func TestInvalidSettings(t *testing.T) {
 			if !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
 				t.Fatalf("err %q, want one line containing %q", err, c.want)
 			}
-			if strings.Contains(err.Error(), "pw@db") || strings.Contains(err.Error(), "short-secret") {
-				t.Fatalf("err %q echoes a credential", err)
+			for _, secret := range []string{"pw@db", "pw/x", ":pw", "short-secret"} {
+				if strings.Contains(err.Error(), secret) {
+					t.Fatalf("err %q echoes a credential", err)
+				}
 			}
 		})
 	}
@@ -121,6 +142,24 @@ func TestHelpAndReadmeListEverySetting(t *testing.T) {
 			!strings.Contains(string(readme), "| `"+s.env+"` | "+def+" |") {
 			t.Errorf("README.md does not give %s's default %q", s.env, def)
 		}
+	}
+}
+
+// Database URLs lib/pq takes, a user timeout of 0 (the kernel's) and proxy
+// lists of addresses and networks are accepted.
+func TestAcceptedValues(t *testing.T) {
+	for _, u := range []string{"postgres://relay:pw@db:5432/decnet?sslmode=require", "postgresql://db/decnet", "postgres:///decnet?host=/run/postgresql"} {
+		c, err := Load(nil, env(with(map[string]string{"RELAY_DATABASE_URL": u})), &bytes.Buffer{})
+		if err != nil || c.DatabaseURL != u {
+			t.Errorf("RELAY_DATABASE_URL %q: %v", u, err)
+		}
+	}
+	c, err := Load([]string{"--sse-user-timeout", "0", "--trusted-proxies", "10.0.0.1, 192.168.0.0/16,::1"}, env(valid), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.UserTimeout != 0 || strings.Join(c.TrustedProxies, " ") != "10.0.0.1 192.168.0.0/16 ::1" {
+		t.Fatalf("user timeout %v, trusted proxies %q", c.UserTimeout, c.TrustedProxies)
 	}
 }
 

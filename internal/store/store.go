@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -16,6 +17,19 @@ import (
 
 	"github.com/decnet/identity-relay/pkg/api"
 )
+
+// errBadURL stands for lib/pq's error on a URL it cannot parse, which quotes
+// the URL, password included, and parts of it in the reason. The relay
+// checks RELAY_DATABASE_URL at start-up, so this is a backstop.
+var errBadURL = errors.New("the database URL cannot be parsed (password and details withheld)")
+
+// redact keeps the database password out of err: the relay logs it.
+func redact(err error) error {
+	if _, ok := errors.AsType[*url.Error](err); ok {
+		return errBadURL
+	}
+	return err
+}
 
 // Postgres implements api.Store.
 type Postgres struct {
@@ -41,7 +55,7 @@ func Open(url string) (*Postgres, error) {
 func (p *Postgres) Close() error { return p.db.Close() }
 
 // Ping reports whether the database answers.
-func (p *Postgres) Ping(ctx context.Context) error { return p.db.PingContext(ctx) }
+func (p *Postgres) Ping(ctx context.Context) error { return redact(p.db.PingContext(ctx)) }
 
 type userRow struct {
 	UUID               string       `db:"uuid"`
@@ -60,7 +74,7 @@ func (p *Postgres) User(ctx context.Context, uuid string) (*api.User, error) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("user: %w", err)
+		return nil, fmt.Errorf("user: %w", redact(err))
 	}
 	u := &api.User{UUID: r.UUID, Username: r.Username, Role: r.Role, MustChangePassword: r.MustChangePassword}
 	if r.TokensValidFrom.Valid {
@@ -75,7 +89,7 @@ func (p *Postgres) Revoked(ctx context.Context, jti string) (bool, error) {
 	var n int
 	err := p.db.GetContext(ctx, &n, `SELECT count(*) FROM revoked_tokens WHERE jti = $1`, jti)
 	if err != nil {
-		return false, fmt.Errorf("revoked: %w", err)
+		return false, fmt.Errorf("revoked: %w", redact(err))
 	}
 	return n > 0, nil
 }
@@ -94,7 +108,7 @@ LIMIT $1`
 func (p *Postgres) Snapshot(ctx context.Context, limit int) (json.RawMessage, error) {
 	rows := make([]Identity, 0, limit)
 	if err := p.db.SelectContext(ctx, &rows, snapshotQuery, limit); err != nil {
-		return nil, fmt.Errorf("snapshot: %w", err)
+		return nil, fmt.Errorf("snapshot: %w", redact(err))
 	}
 	return json.Marshal(rows)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -144,5 +145,44 @@ func TestUsersAndRevocations(t *testing.T) {
 	}
 	if err := pg.Ping(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestErrorsHideCredentials guards that no error of the store, which the
+// relay logs, holds the database password: lib/pq quotes the whole URL in
+// the error when it cannot use it, on every call.
+func TestErrorsHideCredentials(t *testing.T) {
+	tests := []struct {
+		name, url string
+		secrets   []string
+	}{
+		{"port not a number", "postgres://relay:s3cr3t-pw@db:port/decnet", []string{"s3cr3t-pw"}},
+		{"slash in the password", "postgres://relay:s3cr3t/pw@db/decnet", []string{"s3cr3t"}},
+		{"escaped characters in the password", `postgres://relay:s3cr%40t"pw@db:port/decnet`, []string{"s3cr%40t", `s3cr@t"pw`, `s3cr%40t\"pw`}},
+		{"not a URL", "host=db user=relay password=s3cr3t-kv dbname=decnet port=x", []string{"s3cr3t-kv"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pg, err := store.Open(tt.url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pg.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, userErr := pg.User(ctx, "u")
+			_, revokedErr := pg.Revoked(ctx, "j")
+			_, snapErr := pg.Snapshot(ctx, 1)
+			for name, err := range map[string]error{"User": userErr, "Revoked": revokedErr, "Snapshot": snapErr, "Ping": pg.Ping(ctx)} {
+				if err == nil {
+					t.Fatalf("%s: no error", name)
+				}
+				for _, s := range tt.secrets {
+					if strings.Contains(err.Error(), s) {
+						t.Errorf("%s: error %q holds the password", name, err)
+					}
+				}
+			}
+		})
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -66,6 +67,15 @@ type Config struct {
 	WriteTimeout time.Duration
 	// SendBuffer, if not 0, is each stream's SO_SNDBUF in bytes.
 	SendBuffer int
+	// UserTimeout, if not 0, is each stream's TCP_USER_TIMEOUT: a client
+	// that stops acknowledging is cut this long after the first unacknowledged write.
+	UserTimeout time.Duration
+	// ReadTimeout bounds reading a request, headers included; 0: 30 s.
+	ReadTimeout time.Duration
+	// TrustedProxies are the proxies (addresses or CIDRs) whose
+	// X-Forwarded-For and X-Real-IP give the logged client address. Empty:
+	// none, the address is the connection's.
+	TrustedProxies []string
 	// AuthCacheTTL is how long user rows and revocations are cached
 	// (CONTRACT.md allows 10 s), and so how often an open stream re-checks
 	// its credential (credential.go).
@@ -117,6 +127,9 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 	if cfg.ReadBacks < 1 {
 		cfg.ReadBacks = 4
 	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = defaultReadTimeout
+	}
 	if cfg.ConsumerReady == nil {
 		cfg.ConsumerReady = func() bool { return true }
 	}
@@ -139,7 +152,10 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 	s.snaps.load = func(ctx context.Context) (json.RawMessage, error) { return s.store.Snapshot(ctx, cfg.SnapshotLimit) }
 	gin.SetMode(gin.ReleaseMode)
 	e := gin.New()
-	e.Use(s.recover, s.accessLog)
+	if err := e.SetTrustedProxies(cfg.TrustedProxies); err != nil {
+		return nil, fmt.Errorf("trusted proxies: %w", err)
+	}
+	e.Use(s.recover, s.accessLog, s.refuseBody)
 	e.GET(EventsPath, s.events)
 	e.GET("/healthz", func(c *gin.Context) { c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("ok\n")) })
 	e.GET("/readyz", s.readyz)

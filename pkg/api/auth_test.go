@@ -224,6 +224,7 @@ func newHarness(t *testing.T, store *fakeStore, mod func(*Config)) *harness {
 	}
 	h.srv = srv
 	ts := httptest.NewUnstartedServer(srv.Handler())
+	ts.Config = srv.HTTPServer()
 	ts.Listener = recordingListener{ts.Listener, h}
 	ts.Start()
 	t.Cleanup(ts.Close)

@@ -103,16 +103,7 @@ func (s *Server) events(c *gin.Context) {
 		_ = conn.Close()
 		return
 	}
-	if s.cfg.SendBuffer > 0 {
-		// The kernel would grow the buffer of a viewer that stopped reading
-		// to tcp_wmem's maximum (4 MiB by default) before its queue even
-		// began to fill: memory held, and the drop delayed, for nothing.
-		if tc, ok := conn.(interface{ SetWriteBuffer(int) error }); ok {
-			if err := tc.SetWriteBuffer(s.cfg.SendBuffer); err != nil {
-				s.log.Warn("cannot set the stream's send buffer", "err", err)
-			}
-		}
-	}
+	s.setupStream(conn)
 	v.conn = conn
 	s.m.connects.WithLabelValues("200").Inc()
 	s.m.connected.Inc()

@@ -28,7 +28,7 @@ func checkSendBuffer(t *testing.T, size int) {
 	if len(conns) != 1 {
 		t.Fatalf("%d connections accepted, want 1", len(conns))
 	}
-	got := sndbuf(t, conns[0])
+	got := sockoptInt(t, conns[0], syscall.SOL_SOCKET, syscall.SO_SNDBUF)
 	// Linux reports twice what was set: the other half is for its bookkeeping.
 	if size > 0 && got != 2*size {
 		t.Errorf("SendBuffer %d: SO_SNDBUF is %d, want %d", size, got, 2*size)
@@ -39,7 +39,8 @@ func checkSendBuffer(t *testing.T, size int) {
 	h.waitReturned(t)
 }
 
-func sndbuf(t *testing.T, c net.Conn) int {
+// sockoptInt reads an integer socket option of c.
+func sockoptInt(t *testing.T, c net.Conn, level, name int) int {
 	t.Helper()
 	rc, err := c.(syscall.Conn).SyscallConn()
 	if err != nil {
@@ -47,7 +48,7 @@ func sndbuf(t *testing.T, c net.Conn) int {
 	}
 	var n int
 	var serr error
-	if err := rc.Control(func(fd uintptr) { n, serr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF) }); err != nil {
+	if err := rc.Control(func(fd uintptr) { n, serr = syscall.GetsockoptInt(int(fd), level, name) }); err != nil {
 		t.Fatal(err)
 	}
 	if serr != nil {

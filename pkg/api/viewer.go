@@ -37,6 +37,7 @@ const maxBatch = 128
 // Disconnect reasons, the values of relay_viewer_disconnects_total{reason}.
 const (
 	reasonClientGone = "client_gone"
+	reasonClientSent = "client_sent" // the client sent on its stream, which SSE clients never do
 	reasonSlow       = "slow"
 	reasonShutdown   = "shutdown"
 	reasonWriteError = "write_error"
@@ -59,6 +60,7 @@ type viewer struct {
 	releaseReadBack func()
 	// cut is conn once run starts; onEnd uses it from the publisher's goroutine.
 	cut          atomic.Pointer[net.Conn]
+	sent         atomic.Bool // the client sent on its stream (watchClose)
 	lastDeadline time.Time
 	lastWrite    time.Time // the keepalive timer is not reset per batch, only checked against this
 	// The credential the stream was opened with, when to re-check it, and
@@ -299,7 +301,7 @@ func (v *viewer) run(o opening) {
 		s.log.Info("stream ended", "reason", reason, "duration", time.Since(start).Round(time.Millisecond).String())
 	}()
 
-	go watchClose(v.conn, v.sub)
+	go v.watchClose()
 	v.watchCredential()
 
 	if _, err := v.conn.Write(v.responseHead()); err != nil {
@@ -321,8 +323,11 @@ func (v *viewer) run(o opening) {
 			case fanout.ReasonSlow:
 				reason = reasonSlow
 				return
-			case fanout.ReasonUnsubscribed: // watchClose: the client went
+			case fanout.ReasonUnsubscribed: // watchClose: the client went or sent
 				reason = reasonClientGone
+				if v.sent.Load() {
+					reason = reasonClientSent
+				}
 				return
 			}
 			// Shutdown: hand over what is already queued, then end the
@@ -393,16 +398,16 @@ func (v *viewer) writeFailed() string {
 }
 
 // watchClose ends the subscription when the client closes its side (or the
-// relay closes the connection), which wakes run through sub.Done: one channel
-// fewer in run's select, on the path every frame takes.
-func watchClose(conn net.Conn, sub *fanout.Subscription) {
+// relay closes the connection, or the kernel drops it), which wakes run
+// through sub.Done: one channel fewer in run's select, on the path every
+// frame takes. A client that sends anything is cut too: SSE clients never
+// send (CONTRACT.md), and reading on would let one keep a core busy.
+func (v *viewer) watchClose() {
 	var b [1]byte
-	for {
-		if _, err := conn.Read(b[:]); err != nil {
-			sub.Close()
-			return
-		}
+	if n, _ := v.conn.Read(b[:]); n > 0 {
+		v.sent.Store(true)
 	}
+	v.sub.Close()
 }
 
 // streamSet tracks the open streams, which http.Server.Shutdown does not see

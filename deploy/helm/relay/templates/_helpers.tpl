@@ -118,6 +118,10 @@ RELAY_SSE_WRITE_TIMEOUT: {{ .Values.config.sseWriteTimeout | quote }}
 RELAY_SUBSCRIBER_BUFFER: {{ .Values.config.subscriberBuffer | int | quote }}
 RELAY_SSE_FLUSH_INTERVAL: {{ .Values.config.sseFlushInterval | quote }}
 RELAY_SSE_SEND_BUFFER: {{ .Values.config.sseSendBuffer | int | quote }}
+RELAY_SSE_USER_TIMEOUT: {{ .Values.config.sseUserTimeout | quote }}
+{{- with .Values.config.trustedProxies }}
+RELAY_TRUSTED_PROXIES: {{ join "," . | quote }}
+{{- end }}
 RELAY_SNAPSHOT_LIMIT: {{ .Values.config.snapshotLimit | int | quote }}
 RELAY_DATABASE_TIMEOUT: {{ .Values.config.databaseTimeout | quote }}
 RELAY_MAX_RECORD_BYTES: {{ .Values.config.maxRecordBytes | int | quote }}
