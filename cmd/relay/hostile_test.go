@@ -13,7 +13,7 @@ import (
 
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/testenv"
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // What hostile resumes can make a replica hold is bounded: clients of many
@@ -47,7 +47,7 @@ func TestHostileResumesMemoryBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	idAfter := func(offset int64) string {
-		return fanout.Position{fanout.KeyOf(topic, details[topic].ID, 0): offset + 1}.Encode()
+		return sse.Position{sse.KeyOf(topic, details[topic].ID, 0): offset + 1}.Encode()
 	}
 	waitMetricAtLeast(t, r.URL, "relay_events_published_total", records, 2*time.Minute)
 

@@ -18,6 +18,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/internal/store"
+	"github.com/decnet/identity-relay/internal/users"
 	"github.com/decnet/identity-relay/pkg/api"
 )
 
@@ -43,7 +44,7 @@ func Start(log *slog.Logger) (*Demo, error) {
 		return nil, fmt.Errorf("demo: kafka: %w", err)
 	}
 	d := &Demo{Secret: randHex(32), cluster: cluster, store: newMemStore(), log: log.With("component", "demo")}
-	viewer := api.User{UUID: newUUID(), Username: "demo-viewer", Role: "viewer"}
+	viewer := users.User{UUID: newUUID(), Username: "demo-viewer", Role: "viewer"}
 	d.store.addUser(viewer)
 	now := time.Now()
 	tok := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{

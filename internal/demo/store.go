@@ -9,28 +9,28 @@ import (
 	"time"
 
 	"github.com/decnet/identity-relay/internal/store"
-	"github.com/decnet/identity-relay/pkg/api"
+	"github.com/decnet/identity-relay/internal/users"
 )
 
 // memStore is the demo's stand-in for PostgreSQL: one viewer user and the
 // identities the demo publisher creates. It implements api.Store.
 type memStore struct {
 	mu         sync.Mutex
-	users      map[string]*api.User
+	users      map[string]*users.User
 	identities map[string]*store.Identity
 }
 
 func newMemStore() *memStore {
-	return &memStore{users: map[string]*api.User{}, identities: map[string]*store.Identity{}}
+	return &memStore{users: map[string]*users.User{}, identities: map[string]*store.Identity{}}
 }
 
-func (m *memStore) addUser(u api.User) {
+func (m *memStore) addUser(u users.User) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.users[u.UUID] = &u
 }
 
-func (m *memStore) User(_ context.Context, uuid string) (*api.User, error) {
+func (m *memStore) User(_ context.Context, uuid string) (*users.User, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if u, ok := m.users[uuid]; ok {

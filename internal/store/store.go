@@ -15,7 +15,7 @@ import (
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // registers the "postgres" driver
 
-	"github.com/decnet/identity-relay/pkg/api"
+	"github.com/decnet/identity-relay/internal/users"
 )
 
 // errBadURL stands for lib/pq's error on a URL it cannot parse, which quotes
@@ -66,7 +66,7 @@ type userRow struct {
 }
 
 // User returns the user, or nil when there is no such row.
-func (p *Postgres) User(ctx context.Context, uuid string) (*api.User, error) {
+func (p *Postgres) User(ctx context.Context, uuid string) (*users.User, error) {
 	var r userRow
 	err := p.db.GetContext(ctx, &r,
 		`SELECT uuid, username, role, must_change_password, tokens_valid_from FROM users WHERE uuid = $1`, uuid)
@@ -76,7 +76,7 @@ func (p *Postgres) User(ctx context.Context, uuid string) (*api.User, error) {
 	if err != nil {
 		return nil, fmt.Errorf("user: %w", redact(err))
 	}
-	u := &api.User{UUID: r.UUID, Username: r.Username, Role: r.Role, MustChangePassword: r.MustChangePassword}
+	u := &users.User{UUID: r.UUID, Username: r.Username, Role: r.Role, MustChangePassword: r.MustChangePassword}
 	if r.TokensValidFrom.Valid {
 		t := r.TokensValidFrom.Time
 		u.TokensValidFrom = &t

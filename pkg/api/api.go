@@ -18,7 +18,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/decnet/identity-relay/internal/users"
 	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // EventsPath is the route browsers use (CONTRACT.md).
@@ -27,7 +29,7 @@ const EventsPath = "/api/v1/identities/events"
 // Store is what the API reads from the database.
 type Store interface {
 	// User returns the user, or nil and no error when there is none.
-	User(ctx context.Context, uuid string) (*User, error)
+	User(ctx context.Context, uuid string) (*users.User, error)
 	// Revoked reports whether the token id is in revoked_tokens.
 	Revoked(ctx context.Context, jti string) (bool, error)
 	// Snapshot returns a JSON array of the newest limit live identities.
@@ -41,12 +43,12 @@ type Broker interface {
 	// Resume subscribes a viewer from a position it sent, reading what the
 	// window lacks back from h; fanout.ErrUnusable or fanout.ErrGap when
 	// only a snapshot will do.
-	Resume(ctx context.Context, from fanout.Position, h fanout.History, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resumed, error)
+	Resume(ctx context.Context, from sse.Position, h fanout.History, onEnd func(fanout.Reason)) (*fanout.Subscription, fanout.Resumed, error)
 	// Subscribe subscribes a viewer from a position Position returned, with
 	// the frames since; fanout.ErrGap when the window no longer has them.
-	Subscribe(at fanout.Position, onEnd func(fanout.Reason)) (*fanout.Subscription, []*fanout.Frame, error)
+	Subscribe(at sse.Position, onEnd func(fanout.Reason)) (*fanout.Subscription, []*sse.Frame, error)
 	// Position is the stream position after the newest event.
-	Position() fanout.Position
+	Position() sse.Position
 }
 
 // Config is the API's part of the relay's settings.

@@ -10,19 +10,12 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/decnet/identity-relay/internal/users"
 )
 
 // MaxTokenBytes bounds the credential the relay will parse; longer is a 401.
 const MaxTokenBytes = 8 << 10
-
-// User is the row of the users table that authorization needs.
-type User struct {
-	UUID               string
-	Username           string
-	Role               string
-	MustChangePassword bool
-	TokensValidFrom    *time.Time
-}
 
 // tokenFrom returns the credential: the Authorization header when it has the
 // exact "Bearer " prefix, else the token query parameter (EventSource cannot
@@ -88,7 +81,7 @@ func (v *verifier) verify(token string) (*claims, error) {
 // epoch seconds is refused, and so is a token without iat when the user has a
 // cut-off. No clock-skew leeway here: both times are DECNET's, and leeway
 // would let tokens issued just before a "log out everywhere" through.
-func issuedBeforeCutoff(c *claims, u *User) bool {
+func issuedBeforeCutoff(c *claims, u *users.User) bool {
 	if u.TokensValidFrom == nil {
 		return false
 	}
@@ -139,16 +132,16 @@ func (s *Server) check(ctx context.Context, cl *claims) (code int, body []byte, 
 // the cache (zero when it was not cached).
 type cachedStore struct {
 	Store
-	users   cache[*User]
+	users   cache[*users.User]
 	revoked cache[bool]
 }
 
 func newCachedStore(s Store, ttl time.Duration) *cachedStore {
-	return &cachedStore{Store: s, users: newCache[*User](ttl), revoked: newCache[bool](ttl)}
+	return &cachedStore{Store: s, users: newCache[*users.User](ttl), revoked: newCache[bool](ttl)}
 }
 
-func (c *cachedStore) User(ctx context.Context, uuid string) (*User, time.Time, error) {
-	return c.users.get(uuid, func() (*User, error) {
+func (c *cachedStore) User(ctx context.Context, uuid string) (*users.User, time.Time, error) {
+	return c.users.get(uuid, func() (*users.User, error) {
 		ctx, cancel := detach(ctx)
 		defer cancel()
 		return c.Store.User(ctx, uuid)

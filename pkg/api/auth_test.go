@@ -24,7 +24,9 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/decnet/identity-relay/internal/ssetest"
+	"github.com/decnet/identity-relay/internal/users"
 	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 const (
@@ -53,8 +55,8 @@ var (
 )
 
 // testUsers are the rows of the fake users table.
-func testUsers() map[string]*User {
-	return map[string]*User{
+func testUsers() map[string]*users.User {
+	return map[string]*users.User{
 		"u-viewer":      {UUID: "u-viewer", Username: "vic", Role: "viewer"},
 		"u-viewer2":     {UUID: "u-viewer2", Username: "val", Role: "viewer"},
 		"u-admin":       {UUID: "u-admin", Username: "ada", Role: "admin"},
@@ -70,7 +72,7 @@ func testUsers() map[string]*User {
 // starts, and changed after only through update.
 type fakeStore struct {
 	mu       sync.Mutex
-	users    map[string]*User
+	users    map[string]*users.User
 	revoked  map[string]bool
 	snapshot string
 	// errs makes the named method ("User", "Revoked", "Snapshot") fail.
@@ -108,7 +110,7 @@ func (s *fakeStore) call(ctx context.Context, method string) error {
 	return err
 }
 
-func (s *fakeStore) User(ctx context.Context, uuid string) (*User, error) {
+func (s *fakeStore) User(ctx context.Context, uuid string) (*users.User, error) {
 	s.userCalls.Add(1)
 	if err := s.call(ctx, "User"); err != nil {
 		return nil, err
@@ -820,7 +822,7 @@ func TestSnapshotShared(t *testing.T) {
 	store := newFakeStore()
 	h := newHarness(t, store, nil)
 	checkStream(t, h.get(t, "", hs256(t, claimsFor("u-viewer", nil))))
-	ev := fanout.Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(`{"identity_uuid":"late"}`)}
+	ev := sse.Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(`{"identity_uuid":"late"}`)}
 	if err := h.broker.Publish(ev); err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // dialRaw opens a connection to the harness's server and sends head (the
@@ -162,7 +163,7 @@ func TestStreamOutlivesReadTimeout(t *testing.T) {
 	h := newHarness(t, newFakeStore(), func(c *Config) { c.ReadTimeout = readTimeout })
 	_, body := h.dialStream(t, "u-viewer")
 	time.Sleep(2 * readTimeout)
-	if err := h.broker.Publish(fanout.Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.5", Payload: json.RawMessage(`{}`)}); err != nil {
+	if err := h.broker.Publish(sse.Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.5", Payload: json.RawMessage(`{}`)}); err != nil {
 		t.Fatal(err)
 	}
 	want := "event: formed\n"

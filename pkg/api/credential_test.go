@@ -15,6 +15,7 @@ import (
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/ssetest"
 	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // testRecheck is the AuthCacheTTL of these tests: streams re-check their
@@ -219,7 +220,7 @@ func TestRecheckSharesLookups(t *testing.T) {
 // publishSeq publishes {"seq":n}.
 func publishSeq(t *testing.T, b *fanout.Broadcaster, n int) {
 	t.Helper()
-	ev := fanout.Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(fmt.Sprintf(`{"seq":%d}`, n))}
+	ev := sse.Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(fmt.Sprintf(`{"seq":%d}`, n))}
 	if err := b.Publish(ev); err != nil {
 		t.Fatal(err)
 	}

@@ -12,7 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // An id the relay cannot use (CONTRACT.md: malformed, empty, too long,
@@ -22,12 +22,12 @@ import (
 func TestUnusableIDGetsSnapshot(t *testing.T) {
 	h := newHarness(t, newFakeStore(), nil)
 	for off := range int64(5) { // the window holds the stream from its first record
-		if err := h.broker.Publish(fanout.Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(`{}`), Offset: off}); err != nil {
+		if err := h.broker.Publish(sse.Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(`{}`), Offset: off}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	token := hs256(t, claimsFor("u-viewer", nil))
-	unknownTopic := fanout.Position{fanout.KeyOf("identity.gone", [16]byte{}, 0): 3}.Encode()
+	unknownTopic := sse.Position{sse.KeyOf("identity.gone", [16]byte{}, 0): 3}.Encode()
 	cases := []struct {
 		name          string
 		header, query *string
@@ -36,7 +36,7 @@ func TestUnusableIDGetsSnapshot(t *testing.T) {
 		{name: "empty header", header: ptr("")},
 		{name: "empty query parameter", query: ptr("")},
 		{name: "garbage query parameter", query: ptr("not-an-id")},
-		{name: "too long", header: ptr("A" + strings.Repeat("Q", fanout.MaxPositionLen))},
+		{name: "too long", header: ptr("A" + strings.Repeat("Q", sse.MaxPositionLen))},
 		{name: "version byte only", header: ptr("AQ")},
 		{name: "a topic this relay does not have", header: ptr(unknownTopic)},
 	}

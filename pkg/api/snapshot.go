@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // snapshotMaxAge is how long one snapshot query serves new viewers. A storm
@@ -23,7 +23,7 @@ const snapshotMaxAge = time.Second
 // rows already reflect arrives once more).
 type snapshot struct {
 	frame []byte
-	pos   fanout.Position
+	pos   sse.Position
 	taken time.Time
 }
 
@@ -31,7 +31,7 @@ type snapshot struct {
 // share one query.
 type snapshotCache struct {
 	load     func(ctx context.Context) (json.RawMessage, error)
-	position func() fanout.Position
+	position func() sse.Position
 	timeout  time.Duration
 
 	mu      sync.Mutex

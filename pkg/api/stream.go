@@ -10,6 +10,7 @@ import (
 	"github.com/gin-gonic/gin"
 
 	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // authorize applies CONTRACT.md's checks in order and returns the claims and
@@ -74,7 +75,7 @@ func (s *Server) events(c *gin.Context) {
 	var opening opening
 	if resuming {
 		via := "snapshot"
-		if from, err := fanout.ParsePosition(id); err == nil {
+		if from, err := sse.ParsePosition(id); err == nil {
 			via = s.resume(ctx, v, from, &opening)
 		}
 		s.m.resumes.WithLabelValues(via).Inc()
@@ -117,7 +118,7 @@ const historyTimeout = 5 * time.Second
 // window lacks back from Kafka, and says how: "window" or "kafka", or
 // "snapshot" when it could not (an id this stream could not have issued,
 // records no longer held, Kafka slow): v.sub is then nil.
-func (s *Server) resume(ctx context.Context, v *viewer, from fanout.Position, o *opening) string {
+func (s *Server) resume(ctx context.Context, v *viewer, from sse.Position, o *opening) string {
 	var h fanout.History
 	if s.cfg.History != nil {
 		h = viewerHistory{s: s, v: v}
@@ -147,7 +148,7 @@ type viewerHistory struct {
 	v *viewer
 }
 
-func (h viewerHistory) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Event, error) {
+func (h viewerHistory) Read(ctx context.Context, ranges []fanout.Range) ([]sse.Event, error) {
 	release, err := h.s.reads.acquire(ctx, h.v.user)
 	if err != nil {
 		return nil, fmt.Errorf("waiting for a read-back slot: %w", err)

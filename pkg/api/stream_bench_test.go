@@ -18,7 +18,9 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 
+	"github.com/decnet/identity-relay/internal/users"
 	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // BenchmarkHTTPStream measures the whole path a frame takes, over real
@@ -32,7 +34,7 @@ func BenchmarkHTTPStream(b *testing.B) {
 	for _, viewers := range []int{100, 1000} {
 		b.Run(fmt.Sprintf("viewers=%d", viewers), func(b *testing.B) {
 			store := newFakeStore()
-			store.users["u-bench"] = &User{UUID: "u-bench", Role: "viewer"}
+			store.users["u-bench"] = &users.User{UUID: "u-bench", Role: "viewer"}
 			broker := fanout.New(fanout.Options{Buffer: 256, FlushInterval: 5 * time.Millisecond}) // the relay's defaults
 			cfg := testConfig()
 			cfg.MaxPerUser, cfg.MaxConnections = viewers, viewers
@@ -79,7 +81,7 @@ func BenchmarkHTTPStream(b *testing.B) {
 			}
 			goroutinesPerViewer := float64(runtime.NumGoroutine()-goroutinesBefore-viewers) / float64(viewers)
 
-			ev := fanout.Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.123",
+			ev := sse.Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.123",
 				Payload: json.RawMessage(`{"identity_uuid":"` + strings.Repeat("a", 200) + `"}`)}
 			b.ResetTimer()
 			start := time.Now()

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // Once a viewer is admitted, its connection is taken over from net/http
@@ -165,7 +166,7 @@ func (v *viewer) writeFrames(frames ...[]byte) error {
 }
 
 // live adds a frame of the stream to b, through the cursor while there is one.
-func (v *viewer) live(b *batch, f *fanout.Frame) error {
+func (v *viewer) live(b *batch, f *sse.Frame) error {
 	if v.cursor == nil {
 		return v.add(b, f.Bytes)
 	}
@@ -192,7 +193,7 @@ func (v *viewer) readBackDone() {
 type opening struct {
 	snapshot []byte
 	kafka    [][]byte
-	replay   []*fanout.Frame
+	replay   []*sse.Frame
 }
 
 // writeOpening sends the opening keepalive and retry hint, then o, all

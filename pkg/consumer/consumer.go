@@ -19,12 +19,12 @@ import (
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // Sink takes decoded events in record order per partition.
 type Sink interface {
-	Publish(ev fanout.Event) error
+	Publish(ev sse.Event) error
 	// Empty says a partition holds no record below next: all were deleted
 	// before the consumer read any.
 	Empty(topic string, topicID [16]byte, partition int32, next int64)
@@ -301,9 +301,9 @@ func (c *Consumer) handle(r *kgo.Record, topicID [16]byte) {
 		ev.Backfill = existed && r.Offset < end
 		err = c.sink.Publish(ev)
 		switch {
-		case errors.Is(err, fanout.ErrBadName):
+		case errors.Is(err, sse.ErrBadName):
 			err = skip(SkipBadTopic, "%v", err)
-		case errors.Is(err, fanout.ErrTooManyPartitions):
+		case errors.Is(err, sse.ErrTooManyPartitions):
 			err = skip(SkipTooManyPartitions, "%v", err)
 		}
 	}

@@ -7,13 +7,13 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/twmb/franz-go/pkg/kgo"
 
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // refusingSink refuses every event with err.
 type refusingSink struct{ err error }
 
-func (s refusingSink) Publish(fanout.Event) error           { return s.err }
+func (s refusingSink) Publish(sse.Event) error              { return s.err }
 func (s refusingSink) Behind() bool                         { return false }
 func (s refusingSink) Empty(string, [16]byte, int32, int64) {}
 
@@ -24,8 +24,8 @@ func TestRefusedRecordsCounted(t *testing.T) {
 		err    error
 		reason string
 	}{
-		{fanout.ErrBadName, SkipBadTopic},
-		{fanout.ErrTooManyPartitions, SkipTooManyPartitions},
+		{sse.ErrBadName, SkipBadTopic},
+		{sse.ErrTooManyPartitions, SkipTooManyPartitions},
 	} {
 		reg := prometheus.NewRegistry()
 		cons, err := New(Config{Brokers: []string{"127.0.0.1:1"}, TopicsRegex: ".", MaxRecordBytes: 1 << 20, Registerer: reg}, refusingSink{c.err})

@@ -8,7 +8,7 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // SkipError says why a record was not turned into an event. Reason is the
@@ -42,8 +42,8 @@ const (
 // An object with a "payload" key is an envelope; any other object is itself the
 // payload and takes type = event name and ts = the record timestamp. The topic
 // always comes from Kafka. A non-nil error is a *SkipError.
-func Decode(topic string, recordTS time.Time, value []byte, maxBytes int) (fanout.Event, error) {
-	ev := fanout.Event{Topic: topic}
+func Decode(topic string, recordTS time.Time, value []byte, maxBytes int) (sse.Event, error) {
+	ev := sse.Event{Topic: topic}
 	if maxBytes > 0 && len(value) > maxBytes {
 		return ev, skip(SkipTooLarge, "%d bytes, limit %d", len(value), maxBytes)
 	}
@@ -61,7 +61,7 @@ func Decode(topic string, recordTS time.Time, value []byte, maxBytes int) (fanou
 	if err := json.Unmarshal(value, &fields); err != nil {
 		return ev, skip(SkipNotJSON, "%v", err)
 	}
-	name := fanout.EventName(topic)
+	name := sse.EventName(topic)
 	ev.Type = name
 	ev.TS = epochSeconds(recordTS)
 

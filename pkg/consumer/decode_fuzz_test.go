@@ -13,7 +13,7 @@ import (
 
 	"github.com/decnet/identity-relay/internal/ssetest"
 	"github.com/decnet/identity-relay/pkg/consumer"
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // FuzzDecode guards the record decoder against any Kafka record: it never
@@ -60,11 +60,11 @@ func FuzzDecode(f *testing.F) {
 		if want := oracleSkip(value, maxBytes); want != "" {
 			t.Fatalf("Decode accepted %q (maxBytes %d), want skip %q", value, maxBytes, want)
 		}
-		fr, err := fanout.Encode(ev, "")
+		fr, err := sse.Encode(ev, "")
 		if err != nil {
-			name := fanout.EventName(topic)
+			name := sse.EventName(topic)
 			usable := name != "" && !strings.ContainsAny(name, "\r\n") && utf8.ValidString(name)
-			if !errors.Is(err, fanout.ErrBadName) || usable {
+			if !errors.Is(err, sse.ErrBadName) || usable {
 				t.Fatalf("Encode of decoded %+v: %v", ev, err)
 			}
 			return // the consumer counts it as bad_topic
@@ -131,7 +131,7 @@ func checkDecodedFrame(t *testing.T, b []byte, topic string, recTS time.Time, va
 	if err != nil {
 		t.Fatalf("strict parse of %q: %v", b, err)
 	}
-	name := fanout.EventName(topic)
+	name := sse.EventName(topic)
 	if f.Event != name {
 		t.Fatalf("event %q, want %q", f.Event, name)
 	}

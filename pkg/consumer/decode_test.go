@@ -9,7 +9,7 @@ import (
 
 	"github.com/decnet/identity-relay/internal/ssetest"
 	"github.com/decnet/identity-relay/pkg/consumer"
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // recordTS is the Kafka record timestamp of the tests: 1750000000.123 s.
@@ -25,7 +25,7 @@ func decodeFrame(t *testing.T, topic string, ts time.Time, value string, maxByte
 	if err != nil {
 		return "", err
 	}
-	f, err := fanout.Encode(ev, "")
+	f, err := sse.Encode(ev, "")
 	if err != nil {
 		t.Fatalf("Encode(%+v): %v", ev, err)
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // ErrHistoryGone is returned by History.Read when Kafka no longer holds the
@@ -93,7 +94,7 @@ func (h *History) client(cl *kgo.Client) (*kgo.Client, error) {
 // Read returns the events of the ranges, each range in offset order, records
 // that fail to decode left out (their offsets still count as read). It waits
 // for a free slot and for Kafka until ctx ends.
-func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Event, error) {
+func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]sse.Event, error) {
 	want := map[string]map[int32]kgo.Offset{}
 	next := map[fanout.Range]int64{} // per range left, the next offset wanted
 	total := int64(0)
@@ -137,7 +138,7 @@ func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Eve
 		cl.RemoveConsumePartitions(rm)
 	}()
 
-	var out []fanout.Event
+	var out []sse.Event
 	size := 0
 	for len(next) > 0 {
 		fetches := cl.PollFetches(ctx)
@@ -167,7 +168,7 @@ func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]fanout.Eve
 }
 
 // take adds rec to out if it is the next record of a range still being read.
-func (h *History) take(t kgo.FetchTopic, rec *kgo.Record, next map[fanout.Range]int64, out *[]fanout.Event, size *int) error {
+func (h *History) take(t kgo.FetchTopic, rec *kgo.Record, next map[fanout.Range]int64, out *[]sse.Event, size *int) error {
 	for r, n := range next {
 		if r.Topic != rec.Topic || r.Partition != rec.Partition || rec.Offset < n {
 			continue

@@ -1,5 +1,7 @@
 package fanout
 
+import "github.com/decnet/identity-relay/pkg/sse"
+
 // Cursor gives one resuming viewer the frames it lacks, each with an id that
 // never moves a partition back from what the viewer was already sent.
 //
@@ -12,15 +14,15 @@ package fanout
 // merged id (the per-partition maximum of the two). Once covered, every
 // later frame is new to the viewer and its own id is exact: the cursor is done.
 type Cursor struct {
-	have  Position // per partition, the next offset the viewer needs
-	at    Position // the stream position before the next frame, for have's partitions
-	ahead int      // partitions where have is beyond at
+	have  sse.Position // per partition, the next offset the viewer needs
+	at    sse.Position // the stream position before the next frame, for have's partitions
+	ahead int          // partitions where have is beyond at
 	done  bool
 }
 
 // newCursor returns a cursor for a viewer at have, whose next frame follows
 // the stream position at; nil when the frames' own ids will do.
-func newCursor(have, at Position) *Cursor {
+func newCursor(have, at sse.Position) *Cursor {
 	c := &Cursor{have: have, at: at}
 	for k, v := range have {
 		if v > at[k] {
@@ -39,7 +41,7 @@ func (c *Cursor) Done() bool { return c == nil || c.done }
 // Frame returns what to send the viewer for f, the next frame of the stream
 // in publish order: nil when the viewer already has it, else f's bytes, with
 // the merged id while the viewer is ahead. A nil Cursor passes every frame.
-func (c *Cursor) Frame(f *Frame) []byte {
+func (c *Cursor) Frame(f *sse.Frame) []byte {
 	if c.Done() {
 		return f.Bytes
 	}
@@ -63,12 +65,12 @@ func (c *Cursor) Frame(f *Frame) []byte {
 	case c.done:
 		return f.Bytes
 	}
-	pos, err := ParsePosition(f.id())
+	pos, err := sse.ParsePosition(f.ID())
 	if err != nil {
 		return f.Bytes // cannot happen: the broadcaster encoded it
 	}
 	for k, v := range c.have {
 		pos[k] = max(pos[k], v)
 	}
-	return f.withID(pos.Encode())
+	return f.WithID(pos.Encode())
 }

@@ -11,16 +11,14 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // Sentinel errors.
 var (
 	// ErrClosed is returned by Subscribe once the broadcaster is closed.
 	ErrClosed = errors.New("fanout: broadcaster closed")
-	// ErrBadName is returned by Encode for a topic that cannot name an SSE event.
-	ErrBadName = errors.New("fanout: topic cannot be an SSE event name")
-	// ErrBadID is returned by Encode for an id holding CR, LF or NUL.
-	ErrBadID = errors.New("fanout: id cannot be an SSE id")
 	// ErrUnusable is returned by Resume for a position this stream could not
 	// have issued; the viewer is treated as new.
 	ErrUnusable = errors.New("fanout: not a position of this stream")
@@ -73,13 +71,13 @@ type Broadcaster struct {
 	mu     sync.Mutex
 	subs   []*Subscription // index held in Subscription.idx, guarded by mu
 	closed bool
-	pos    Position // after the last published event
+	pos    sse.Position // after the last published event
 	win    *window
 	topics map[string]uint32 // current topic hash (name and topic ID) per topic name
 	names  map[uint32]topicName
 	// pending holds the frames published since the last flush; timer
 	// flushes them FlushInterval after the first.
-	pending []*Frame
+	pending []*sse.Frame
 	timer   *time.Timer
 
 	published, delivered, dropped atomic.Uint64
@@ -145,7 +143,7 @@ func New(o Options) *Broadcaster {
 	return &Broadcaster{
 		buffer: o.Buffer, flushEvery: max(o.FlushInterval, 0), flushAfter: min(max(o.Buffer/4, 1), maxFlush),
 		readBackMax: o.ReadBackBytes,
-		pos:         Position{}, win: newWindow(o.WindowEvents, o.WindowBytes),
+		pos:         sse.Position{}, win: newWindow(o.WindowEvents, o.WindowBytes),
 		topics: map[string]uint32{}, names: map[uint32]topicName{},
 	}
 }
@@ -156,7 +154,7 @@ const maxFlush = 64
 
 // A Batch is frames offered to the viewers together, in publish order.
 // Every viewer gets the same one: read it, never change it.
-type Batch struct{ Frames []*Frame }
+type Batch struct{ Frames []*sse.Frame }
 
 // Subscription is one viewer's bounded queue of frames, which come in
 // batches; the bound counts frames. Its channel holds pointers: 8 bytes a
@@ -235,10 +233,10 @@ func (b *Broadcaster) subscribeLocked(onEnd func(Reason)) (*Subscription, error)
 }
 
 // Position returns the stream position after the newest published event.
-func (b *Broadcaster) Position() Position {
+func (b *Broadcaster) Position() sse.Position {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	p := make(Position, len(b.pos))
+	p := make(sse.Position, len(b.pos))
 	for k, v := range b.pos {
 		p[k] = v
 	}
@@ -257,7 +255,7 @@ type Range struct {
 type History interface {
 	// Read returns the events of the ranges, each range in offset order.
 	// Records that cannot be relayed may be left out.
-	Read(ctx context.Context, ranges []Range) ([]Event, error)
+	Read(ctx context.Context, ranges []Range) ([]sse.Event, error)
 }
 
 type topicName struct {
@@ -272,7 +270,7 @@ type Resumed struct {
 	// Kafka holds the frames read back from Kafka, with ids of this viewer's own.
 	Kafka [][]byte
 	// Replay holds window frames in publish order; send each through Cursor.
-	Replay []*Frame
+	Replay []*sse.Frame
 	// Cursor is nil when every frame can go out as it is.
 	Cursor *Cursor
 }
@@ -288,7 +286,7 @@ type Resumed struct {
 // The window's frames and the subscription are taken under one lock before
 // Kafka is read, so whatever is published or evicted during the read is in
 // one of them: nothing lost, nothing twice. onEnd is as for Subscribe.
-func (b *Broadcaster) Resume(ctx context.Context, from Position, h History, onEnd func(Reason)) (*Subscription, Resumed, error) {
+func (b *Broadcaster) Resume(ctx context.Context, from sse.Position, h History, onEnd func(Reason)) (*Subscription, Resumed, error) {
 	b.mu.Lock()
 	b.flushLocked() // the pending frames are before this viewer's position
 	p, err := b.win.plan(from, b.pos, b.names)
@@ -317,7 +315,7 @@ func (b *Broadcaster) Resume(ctx context.Context, from Position, h History, onEn
 
 // readBack reads the missing ranges from h and frames them for a viewer at
 // have (which it advances), each with the viewer's position after it as id.
-func (b *Broadcaster) readBack(ctx context.Context, h History, missing []Range, have Position) ([][]byte, error) {
+func (b *Broadcaster) readBack(ctx context.Context, h History, missing []Range, have sse.Position) ([][]byte, error) {
 	events, err := h.Read(ctx, missing)
 	if err != nil {
 		return nil, err
@@ -328,8 +326,8 @@ func (b *Broadcaster) readBack(ctx context.Context, h History, missing []Range, 
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		have[KeyOf(ev.Topic, ev.TopicID, ev.Partition)] = ev.Offset + 1
-		f, err := Encode(ev, have.Encode())
+		have[sse.KeyOf(ev.Topic, ev.TopicID, ev.Partition)] = ev.Offset + 1
+		f, err := sse.Encode(ev, have.Encode())
 		if err != nil {
 			continue // cannot be framed; the live path skips it too
 		}
@@ -350,11 +348,11 @@ func (b *Broadcaster) readBack(ctx context.Context, h History, missing []Range, 
 // goroutine ends it, possibly the publisher's: it must return at once and must
 // not call the broadcaster. The API uses it to cut a write blocked on a
 // viewer that was just dropped for being slow.
-func (b *Broadcaster) Subscribe(at Position, onEnd func(Reason)) (*Subscription, []*Frame, error) {
+func (b *Broadcaster) Subscribe(at sse.Position, onEnd func(Reason)) (*Subscription, []*sse.Frame, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.flushLocked()
-	var replay []*Frame
+	var replay []*sse.Frame
 	if at != nil {
 		var err error
 		if replay, err = b.win.since(at); err != nil {
@@ -374,8 +372,8 @@ func (b *Broadcaster) Subscribe(at Position, onEnd func(Reason)) (*Subscription,
 // ended with ReasonSlow and removed. Call Publish from one goroutine: each
 // partition's events must come in offset order. A backfill event (read at
 // start-up, older than the process) goes to the window only.
-func (b *Broadcaster) Publish(ev Event) error {
-	key := KeyOf(ev.Topic, ev.TopicID, ev.Partition)
+func (b *Broadcaster) Publish(ev sse.Event) error {
+	key := sse.KeyOf(ev.Topic, ev.TopicID, ev.Partition)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if old, ok := b.topics[ev.Topic]; ok && old != key.Topic {
@@ -396,15 +394,15 @@ func (b *Broadcaster) Publish(ev Event) error {
 		b.win.reset(b.pos)
 	}
 	prev, had := b.pos[key]
-	if ev.Offset < 0 || ev.Offset >= MaxOffset {
-		return fmt.Errorf("%w: offset %d", ErrBadPosition, ev.Offset)
+	if ev.Offset < 0 || ev.Offset >= sse.MaxOffset {
+		return fmt.Errorf("%w: offset %d", sse.ErrBadPosition, ev.Offset)
 	}
 	b.pos[key] = ev.Offset + 1
-	if !had && b.pos.slots() > MaxPartitions {
+	if !had && b.pos.Slots() > sse.MaxPartitions {
 		delete(b.pos, key)
-		return ErrTooManyPartitions
+		return sse.ErrTooManyPartitions
 	}
-	f, err := Encode(ev, b.pos.Encode())
+	f, err := sse.Encode(ev, b.pos.Encode())
 	if err != nil {
 		if had {
 			b.pos[key] = prev
@@ -420,7 +418,7 @@ func (b *Broadcaster) Publish(ev Event) error {
 	b.published.Add(1)
 	if !ev.Backfill {
 		if b.pending == nil {
-			b.pending = make([]*Frame, 0, b.flushAfter)
+			b.pending = make([]*sse.Frame, 0, b.flushAfter)
 		}
 		b.pending = append(b.pending, f)
 		switch {
@@ -442,16 +440,16 @@ func (b *Broadcaster) Publish(ev Event) error {
 // is behind next on it has lost records, and gets a snapshot. A partition
 // already published is left alone.
 func (b *Broadcaster) Empty(topic string, topicID [16]byte, partition int32, next int64) {
-	key := KeyOf(topic, topicID, partition)
+	key := sse.KeyOf(topic, topicID, partition)
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if _, seen := b.pos[key]; seen || next <= 0 || next >= MaxOffset {
+	if _, seen := b.pos[key]; seen || next <= 0 || next >= sse.MaxOffset {
 		return
 	}
 	if old, ok := b.topics[topic]; ok && old != key.Topic {
 		return // a stale report of a topic re-created since
 	}
-	if b.pos[key] = next; b.pos.slots() > MaxPartitions {
+	if b.pos[key] = next; b.pos.Slots() > sse.MaxPartitions {
 		delete(b.pos, key)
 		return
 	}

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // BenchmarkBroadcast measures the broadcast path at 1k and 10k viewers, each
@@ -46,7 +48,7 @@ func BenchmarkBroadcast(b *testing.B) {
 					}
 				}()
 			}
-			ev := Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.123",
+			ev := sse.Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.123",
 				Payload: json.RawMessage(`{"identity_uuid":"` + strings.Repeat("a", 200) + `"}`)}
 			b.ReportAllocs()
 			b.ResetTimer()
@@ -77,11 +79,11 @@ func BenchmarkBroadcast(b *testing.B) {
 
 // BenchmarkEncode measures building one frame.
 func BenchmarkEncode(b *testing.B) {
-	ev := Event{Topic: "identity.observation.linked", Type: "observation.linked", TS: "1750000000.123",
+	ev := sse.Event{Topic: "identity.observation.linked", Type: "observation.linked", TS: "1750000000.123",
 		Payload: json.RawMessage(`{"identity_uuid":"0b6f6a9e-3f1c-4c55-9a53-2f1f1c7d9a10","observation_uuid":"5e0e3c1a-8d7b-4e8f-9d55-0c1b2a3d4e5f"}`)}
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := Encode(ev, ""); err != nil {
+		if _, err := sse.Encode(ev, ""); err != nil {
 			b.Fatal(err)
 		}
 	}

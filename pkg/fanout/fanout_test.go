@@ -10,12 +10,14 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-func event(i int) Event {
-	return Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.123",
+func event(i int) sse.Event {
+	return sse.Event{Topic: "identity.formed", Type: "formed", TS: "1750000000.123",
 		Payload: json.RawMessage(`{"seq":` + strconv.Itoa(i) + `}`), Offset: int64(i)}
 }
 
@@ -29,7 +31,7 @@ func mustSubscribe(t *testing.T, b *Broadcaster, onEnd func(Reason)) *Subscripti
 }
 
 // one receives the next batch, which must hold one frame.
-func one(t *testing.T, s *Subscription) *Frame {
+func one(t *testing.T, s *Subscription) *sse.Frame {
 	t.Helper()
 	batch := <-s.Batches()
 	s.Taken(batch)
@@ -39,7 +41,7 @@ func one(t *testing.T, s *Subscription) *Frame {
 	return batch.Frames[0]
 }
 
-func mustPublish(t testing.TB, b *Broadcaster, ev Event) {
+func mustPublish(t testing.TB, b *Broadcaster, ev sse.Event) {
 	t.Helper()
 	if err := b.Publish(ev); err != nil {
 		t.Fatalf("publish: %v", err)
@@ -57,7 +59,7 @@ func TestSlowViewerDroppedOthersGetEveryFrame(t *testing.T) {
 	got := make([][][]byte, len(readers))
 	for i := range events {
 		ev := event(i)
-		f, err := Encode(ev, Position{KeyOf(ev.Topic, [16]byte{}, 0): int64(i) + 1}.Encode())
+		f, err := sse.Encode(ev, sse.Position{sse.KeyOf(ev.Topic, [16]byte{}, 0): int64(i) + 1}.Encode())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -231,7 +233,7 @@ func TestSubscribeUnsubscribeRacingBroadcast(t *testing.T) {
 	}
 }
 
-func seqOf(t *testing.T, f *Frame) int {
+func seqOf(t *testing.T, f *sse.Frame) int {
 	t.Helper()
 	const marker = `"payload":{"seq":`
 	s := string(f.Bytes)
@@ -316,9 +318,9 @@ func TestFlushLosesNothing(t *testing.T) {
 		b := New(Options{Buffer: events, FlushInterval: every})
 		s := mustSubscribe(t, b, nil)
 		// The reader only collects; the checks run on the test's goroutine.
-		got := make(chan []*Frame, 1)
+		got := make(chan []*sse.Frame, 1)
 		go func() {
-			var frames []*Frame
+			var frames []*sse.Frame
 			for len(frames) < events {
 				batch := <-s.Batches()
 				s.Taken(batch)

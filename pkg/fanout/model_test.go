@@ -9,6 +9,8 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // The resume machinery against a reference model. Several replicas read the
@@ -84,7 +86,7 @@ type mpart struct {
 	topic string
 	id    [16]byte
 	part  int32
-	key   Key
+	key   sse.Key
 	offs  []int64 // offsets of its records, increasing, with holes (markers, skipped records)
 	start int     // records below offs[start] are gone (retention)
 }
@@ -108,11 +110,11 @@ type mviewer struct {
 	rep    *mreplica
 	sub    *Subscription
 	cursor *Cursor
-	have   Position // the model: what the viewer holds
+	have   sse.Position // the model: what the viewer holds
 	// floor, after a snapshot, holds per partition the offset below which
 	// the snapshot covers what the replica skipped (records gone from Kafka
 	// before it read them): the ids do not claim those, and need not.
-	floor Position
+	floor sse.Position
 	ids   []string // ids received, oldest first
 }
 
@@ -120,7 +122,7 @@ type model struct {
 	t        *testing.T
 	c        *chooser
 	parts    []*mpart
-	byKey    map[Key]int
+	byKey    map[sse.Key]int
 	replicas []*mreplica
 	viewers  []*mviewer
 	// during, if set, runs inside a Kafka read-back (the race with publishing).
@@ -133,11 +135,11 @@ type model struct {
 
 func runModel(t *testing.T, c *chooser, steps int) *model {
 	t.Helper()
-	m := &model{t: t, c: c, byKey: map[Key]int{}, resumes: map[string]int{}}
+	m := &model{t: t, c: c, byKey: map[sse.Key]int{}, resumes: map[string]int{}}
 	for ti, topic := range []string{"identity.formed", "identity.merged"} {
 		for p := range int32(1 + c.n(3)) {
 			mp := &mpart{topic: topic, id: [16]byte{byte(ti + 1)}, part: p}
-			mp.key = KeyOf(topic, mp.id, p)
+			mp.key = sse.KeyOf(topic, mp.id, p)
 			m.byKey[mp.key] = len(m.parts)
 			m.parts = append(m.parts, mp)
 		}
@@ -244,9 +246,9 @@ func (m *model) advance(r *mreplica, n int) {
 	}
 }
 
-func (m *model) event(pi int, off int64) Event {
+func (m *model) event(pi int, off int64) sse.Event {
 	p := m.parts[pi]
-	return Event{Topic: p.topic, TopicID: p.id, Partition: p.part, Offset: off, Type: "t", TS: "1",
+	return sse.Event{Topic: p.topic, TopicID: p.id, Partition: p.part, Offset: off, Type: "t", TS: "1",
 		Payload: json.RawMessage(fmt.Sprintf(`{"k":%d,"o":%d}`, pi, off))}
 }
 
@@ -273,7 +275,7 @@ func (m *model) connect(v *mviewer) {
 			id = garbage(m.c, id)
 		}
 	}
-	if from, err := ParsePosition(id); err == nil {
+	if from, err := sse.ParsePosition(id); err == nil {
 		m.resume(v, from)
 		return
 	}
@@ -298,7 +300,7 @@ func garbage(c *chooser, id string) string {
 	}
 }
 
-func (m *model) resume(v *mviewer, from Position) {
+func (m *model) resume(v *mviewer, from sse.Position) {
 	// While Kafka is read, the replica may read on: the window evicts, and
 	// new frames reach the subscription.
 	if m.c.chance(50) {
@@ -333,7 +335,7 @@ func (m *model) resume(v *mviewer, from Position) {
 func (m *model) snapshot(v *mviewer) {
 	m.resumes["snapshot"]++
 	at := v.rep.b.Position()
-	floor := Position{}
+	floor := sse.Position{}
 	for i, p := range m.parts {
 		if n := v.rep.read[i]; n > 0 && at[p.key] == 0 {
 			floor[p.key] = p.offs[n-1] + 1
@@ -376,7 +378,7 @@ func (m *model) receive(v *mviewer) {
 	}
 }
 
-func (m *model) send(v *mviewer, f *Frame, what string) {
+func (m *model) send(v *mviewer, f *sse.Frame, what string) {
 	out := v.cursor.Frame(f)
 	if v.cursor.Done() {
 		v.cursor = nil
@@ -406,7 +408,7 @@ func (m *model) check(v *mviewer, frame []byte, what string) {
 			what, p.topic, p.part, env.Payload.O, v.have[p.key], want, ok)
 	}
 	v.have[p.key] = env.Payload.O + 1
-	pos, err := ParsePosition(id)
+	pos, err := sse.ParsePosition(id)
 	if err != nil {
 		m.t.Fatalf("%s frame id %q: %v", what, id, err)
 	}
@@ -432,7 +434,7 @@ func (m *model) check(v *mviewer, frame []byte, what string) {
 // modelHistory reads the model's log back, as consumer.History reads Kafka.
 type modelHistory struct{ m *model }
 
-func (h modelHistory) Read(_ context.Context, ranges []Range) ([]Event, error) {
+func (h modelHistory) Read(_ context.Context, ranges []Range) ([]sse.Event, error) {
 	m := h.m
 	if m.during != nil {
 		m.during()
@@ -440,9 +442,9 @@ func (h modelHistory) Read(_ context.Context, ranges []Range) ([]Event, error) {
 	if m.c.chance(10) {
 		return nil, errors.New("kafka unreachable")
 	}
-	var out []Event
+	var out []sse.Event
 	for _, r := range ranges {
-		i, ok := m.byKey[KeyOf(r.Topic, r.TopicID, r.Partition)]
+		i, ok := m.byKey[sse.KeyOf(r.Topic, r.TopicID, r.Partition)]
 		if !ok {
 			m.t.Fatalf("read back %+v: no such partition", r)
 		}

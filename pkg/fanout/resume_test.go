@@ -9,24 +9,26 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
-func ev(topic string, partition int32, offset int64) Event {
-	return Event{Topic: topic, Type: "t", TS: "1", Partition: partition, Offset: offset,
+func ev(topic string, partition int32, offset int64) sse.Event {
+	return sse.Event{Topic: topic, Type: "t", TS: "1", Partition: partition, Offset: offset,
 		Payload: json.RawMessage(fmt.Sprintf(`{"p":%d,"o":%d}`, partition, offset))}
 }
 
 // sent is one frame as a viewer got it: its record and the position its id names.
 type sent struct {
-	key    Key
+	key    sse.Key
 	offset int64
-	id     Position
+	id     sse.Position
 }
 
 func parseSent(t *testing.T, frame []byte) sent {
 	t.Helper()
 	idLine, rest, _ := strings.Cut(string(frame), "\n")
-	pos, err := ParsePosition(strings.TrimPrefix(idLine, "id: "))
+	pos, err := sse.ParsePosition(strings.TrimPrefix(idLine, "id: "))
 	if err != nil {
 		t.Fatalf("frame %q: %v", frame, err)
 	}
@@ -41,12 +43,12 @@ func parseSent(t *testing.T, frame []byte) sent {
 	if err := json.Unmarshal([]byte(data), &env); err != nil {
 		t.Fatalf("frame %q: %v", frame, err)
 	}
-	return sent{KeyOf(env.Topic, [16]byte{}, env.Payload.P), env.Payload.O, pos}
+	return sent{sse.KeyOf(env.Topic, [16]byte{}, env.Payload.P), env.Payload.O, pos}
 }
 
 // resumeAll resumes from from on b with history h and returns every frame
 // sent: read back, replayed, then the live ones queued by now.
-func resumeAll(t *testing.T, b *Broadcaster, from Position, h History) ([]sent, error) {
+func resumeAll(t *testing.T, b *Broadcaster, from sse.Position, h History) ([]sent, error) {
 	t.Helper()
 	s, r, err := b.Resume(context.Background(), from, h, nil)
 	if err != nil {
@@ -57,7 +59,7 @@ func resumeAll(t *testing.T, b *Broadcaster, from Position, h History) ([]sent, 
 	for _, f := range r.Kafka {
 		out = append(out, parseSent(t, f))
 	}
-	send := func(f *Frame) {
+	send := func(f *sse.Frame) {
 		if bytes := r.Cursor.Frame(f); bytes != nil {
 			out = append(out, parseSent(t, bytes))
 		}
@@ -84,9 +86,9 @@ func TestResumeAcrossReplicasNeverGoesBack(t *testing.T) {
 	mustPublish(t, x, ev("identity.b", 0, 0))
 	mustPublish(t, y, ev("identity.b", 0, 0))
 	mustPublish(t, y, ev("identity.a", 0, 0))
-	a, b := KeyOf("identity.a", [16]byte{}, 0), KeyOf("identity.b", [16]byte{}, 0)
+	a, b := sse.KeyOf("identity.a", [16]byte{}, 0), sse.KeyOf("identity.b", [16]byte{}, 0)
 
-	fromX := Position{a: 1} // the id of a-0 on X
+	fromX := sse.Position{a: 1} // the id of a-0 on X
 	got, err := resumeAll(t, y, fromX, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -94,8 +96,8 @@ func TestResumeAcrossReplicasNeverGoesBack(t *testing.T) {
 	if len(got) != 1 || got[0].key != b {
 		t.Fatalf("resumed on Y: %+v, want b-0 only", got)
 	}
-	if want := (Position{a: 1, b: 1}); !maps.Equal(got[0].id, want) {
-		t.Fatalf("b-0 sent with id %v, want %v (Y's own id for it, %v, takes a-0 back)", got[0].id, want, Position{b: 1})
+	if want := (sse.Position{a: 1, b: 1}); !maps.Equal(got[0].id, want) {
+		t.Fatalf("b-0 sent with id %v, want %v (Y's own id for it, %v, takes a-0 back)", got[0].id, want, sse.Position{b: 1})
 	}
 	again, err := resumeAll(t, y, got[0].id, nil)
 	if err != nil || len(again) != 0 {
@@ -104,7 +106,7 @@ func TestResumeAcrossReplicasNeverGoesBack(t *testing.T) {
 	mustPublish(t, y, ev("identity.a", 0, 1))
 	mustPublish(t, x, ev("identity.a", 0, 1))
 	// Once Y's ids cover the viewer, its frames go out as they are: shared bytes.
-	s, r, err := y.Resume(context.Background(), Position{a: 1, b: 1}, nil, nil)
+	s, r, err := y.Resume(context.Background(), sse.Position{a: 1, b: 1}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,17 +119,17 @@ func TestResumeAcrossReplicasNeverGoesBack(t *testing.T) {
 // history serves read-backs from a list of events, running during (if set)
 // while it reads, as Kafka reads race with the consumer.
 type history struct {
-	events []Event
+	events []sse.Event
 	during func()
 	reads  int
 }
 
-func (h *history) Read(ctx context.Context, ranges []Range) ([]Event, error) {
+func (h *history) Read(ctx context.Context, ranges []Range) ([]sse.Event, error) {
 	h.reads++
 	if h.during != nil {
 		h.during()
 	}
-	var out []Event
+	var out []sse.Event
 	for _, r := range ranges {
 		for _, e := range h.events {
 			if e.Topic == r.Topic && e.Partition == r.Partition && e.Offset >= r.From && e.Offset < r.To {
@@ -156,7 +158,7 @@ func TestReadBackRacingEviction(t *testing.T) {
 			mustPublish(t, b, ev("identity.a", 0, off))
 		}
 	}
-	got, err := resumeAll(t, b, Position{KeyOf("identity.a", [16]byte{}, 0): 2}, h)
+	got, err := resumeAll(t, b, sse.Position{sse.KeyOf("identity.a", [16]byte{}, 0): 2}, h)
 	if err != nil {
 		t.Fatalf("resume: %v", err)
 	}
@@ -186,16 +188,16 @@ func TestReadBackBounds(t *testing.T) {
 		h.events = append(h.events, e)
 		mustPublish(t, b, e)
 	}
-	a := KeyOf("identity.a", [16]byte{}, 0)
-	if _, err := resumeAll(t, b, Position{a: 1}, h); !errors.Is(err, ErrGap) {
+	a := sse.KeyOf("identity.a", [16]byte{}, 0)
+	if _, err := resumeAll(t, b, sse.Position{a: 1}, h); !errors.Is(err, ErrGap) {
 		t.Fatalf("resume needing 98 frames of 200 bytes within 4 KiB: %v, want ErrGap", err)
 	}
-	if _, err := resumeAll(t, b, Position{a: 90}, h); err != nil {
+	if _, err := resumeAll(t, b, sse.Position{a: 90}, h); err != nil {
 		t.Fatalf("resume needing 8 frames: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, _, err := b.Resume(ctx, Position{a: 90}, h, nil); !errors.Is(err, ErrGap) || !errors.Is(err, context.Canceled) {
+	if _, _, err := b.Resume(ctx, sse.Position{a: 90}, h, nil); !errors.Is(err, ErrGap) || !errors.Is(err, context.Canceled) {
 		t.Fatalf("resume with its context ended: %v, want ErrGap from context.Canceled", err)
 	}
 	if n := b.Stats().Subscribers; n != 0 {

@@ -1,5 +1,7 @@
 package fanout
 
+import "github.com/decnet/identity-relay/pkg/sse"
+
 // window is the replay window: the newest frames in publish order, bounded in
 // count and bytes. For each partition it knows from which offset on it holds
 // every published record (low), and the stream position just before its
@@ -8,21 +10,21 @@ package fanout
 type window struct {
 	maxEvents, maxBytes int
 
-	ring  []*Frame
+	ring  []*sse.Frame
 	head  int // index of the oldest frame
 	n     int
 	bytes int
-	low   map[Key]int64
-	base  Position
+	low   map[sse.Key]int64
+	base  sse.Position
 }
 
 func newWindow(maxEvents, maxBytes int) *window {
-	return &window{maxEvents: maxEvents, maxBytes: maxBytes, low: map[Key]int64{}, base: Position{}}
+	return &window{maxEvents: maxEvents, maxBytes: maxBytes, low: map[sse.Key]int64{}, base: sse.Position{}}
 }
 
-func (w *window) at(i int) *Frame { return w.ring[(w.head+i)%len(w.ring)] }
+func (w *window) at(i int) *sse.Frame { return w.ring[(w.head+i)%len(w.ring)] }
 
-func (w *window) add(f *Frame) {
+func (w *window) add(f *sse.Frame) {
 	if _, ok := w.low[f.Key]; !ok {
 		w.low[f.Key] = f.Offset
 	}
@@ -46,7 +48,7 @@ func (w *window) add(f *Frame) {
 // grow doubles the ring up to maxEvents+1, so an idle relay holds no big array.
 func (w *window) grow() {
 	size := min(max(2*len(w.ring), 64), w.maxEvents+1)
-	ring := make([]*Frame, size)
+	ring := make([]*sse.Frame, size)
 	for i := range w.n {
 		ring[i] = w.at(i)
 	}
@@ -56,7 +58,7 @@ func (w *window) grow() {
 // reset forgets every frame (after a topic was re-created, older frames can
 // no longer be placed in the stream): from now on the window covers each
 // partition from its next offset, so resuming from anything older is a gap.
-func (w *window) reset(next Position) {
+func (w *window) reset(next sse.Position) {
 	*w = *newWindow(w.maxEvents, w.maxBytes)
 	for k, v := range next {
 		w.low[k] = v
@@ -71,12 +73,12 @@ type plan struct {
 	// missing lists, per partition, the records before the window that the
 	// viewer has not seen; have is the viewer's position once they are read.
 	missing []Range
-	have    Position
+	have    sse.Position
 	// replay holds the window's frames from the first one the viewer lacks,
 	// in publish order; at is the stream position just before replay[0],
 	// for the partitions of have (what the replayed frames' ids build on).
-	replay []*Frame
-	at     Position
+	replay []*sse.Frame
+	at     sse.Position
 }
 
 // plan works out a resume from from, a position the client sent; now is the
@@ -84,7 +86,7 @@ type plan struct {
 // returns ErrUnusable for a position this stream could not have issued: empty,
 // naming a topic it does not have (or had before it was re-created), or
 // further ahead of it than a window. from is not modified.
-func (w *window) plan(from, now Position, names map[uint32]topicName) (plan, error) {
+func (w *window) plan(from, now sse.Position, names map[uint32]topicName) (plan, error) {
 	if len(from) == 0 {
 		return plan{}, ErrUnusable
 	}
@@ -95,7 +97,7 @@ func (w *window) plan(from, now Position, names map[uint32]topicName) (plan, err
 		}
 		merged[k] = max(merged[k], v)
 	}
-	if merged.slots() > MaxPartitions { // the viewer's ids could not be read back
+	if merged.Slots() > sse.MaxPartitions { // the viewer's ids could not be read back
 		return plan{}, ErrUnusable
 	}
 	p := plan{have: from.Clone()}
@@ -106,7 +108,7 @@ func (w *window) plan(from, now Position, names map[uint32]topicName) (plan, err
 			p.have[k] = low
 		}
 	}
-	p.at = Position{}
+	p.at = sse.Position{}
 	for k := range p.have {
 		if v, ok := w.base[k]; ok {
 			p.at[k] = v
@@ -115,7 +117,7 @@ func (w *window) plan(from, now Position, names map[uint32]topicName) (plan, err
 	for i := range w.n {
 		f := w.at(i)
 		if f.Offset >= p.have[f.Key] {
-			p.replay = make([]*Frame, 0, w.n-i)
+			p.replay = make([]*sse.Frame, 0, w.n-i)
 			for j := i; j < w.n; j++ {
 				p.replay = append(p.replay, w.at(j))
 			}
@@ -130,13 +132,13 @@ func (w *window) plan(from, now Position, names map[uint32]topicName) (plan, err
 
 // since returns the frames published after at, a position this broadcaster
 // gave out, or ErrGap when the window no longer holds all of them.
-func (w *window) since(at Position) ([]*Frame, error) {
+func (w *window) since(at sse.Position) ([]*sse.Frame, error) {
 	for k, low := range w.low {
 		if at[k] < low && w.base[k] > 0 {
 			return nil, ErrGap
 		}
 	}
-	var out []*Frame
+	var out []*sse.Frame
 	for i := range w.n {
 		if f := w.at(i); f.Offset >= at[f.Key] {
 			out = append(out, f)

@@ -6,19 +6,21 @@ import (
 	"errors"
 	"slices"
 	"testing"
+
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 func publishN(t *testing.T, b *Broadcaster, topic string, partition int32, from, to int64) {
 	t.Helper()
 	for off := from; off < to; off++ {
-		mustPublish(t, b, Event{Topic: topic, Type: "formed", TS: "1", Payload: json.RawMessage(`{}`),
+		mustPublish(t, b, sse.Event{Topic: topic, Type: "formed", TS: "1", Payload: json.RawMessage(`{}`),
 			Partition: partition, Offset: off})
 	}
 }
 
 // resumeSent resumes from from without Kafka and returns the offsets of the
 // replayed frames the cursor lets through, in order.
-func resumeSent(t *testing.T, b *Broadcaster, from Position) ([]int64, error) {
+func resumeSent(t *testing.T, b *Broadcaster, from sse.Position) ([]int64, error) {
 	t.Helper()
 	s, r, err := b.Resume(context.Background(), from, nil, nil)
 	if err != nil {
@@ -41,25 +43,25 @@ func TestResumeFromWindow(t *testing.T) {
 	b := New(Options{Buffer: 16, WindowEvents: 10})
 	publishN(t, b, "identity.formed", 0, 0, 6) // offsets 0..5 on p0
 	publishN(t, b, "identity.formed", 1, 0, 6) // offsets 0..5 on p1; window keeps p0 4,5 and p1 0..5
-	p0, p1 := KeyOf("identity.formed", [16]byte{}, 0), KeyOf("identity.formed", [16]byte{}, 1)
-	other := KeyOf("identity.other", [16]byte{}, 0)
+	p0, p1 := sse.KeyOf("identity.formed", [16]byte{}, 0), sse.KeyOf("identity.formed", [16]byte{}, 1)
+	other := sse.KeyOf("identity.other", [16]byte{}, 0)
 
 	cases := []struct {
 		name   string
-		from   Position
+		from   sse.Position
 		err    error
 		replay []int64 // offsets, in publish order
 	}{
-		{name: "inside the window", from: Position{p0: 5, p1: 3}, replay: []int64{5, 3, 4, 5}},
-		{name: "at the end", from: Position{p0: 6, p1: 6}},
-		{name: "before the window, no Kafka", from: Position{p0: 1, p1: 6}, err: ErrGap},
-		{name: "p0 missing means nothing of it seen: before the window", from: Position{p1: 4}, err: ErrGap},
-		{name: "p1 missing means nothing of it seen, and the window has it all", from: Position{p0: 4}, replay: []int64{4, 5, 0, 1, 2, 3, 4, 5}},
-		{name: "ahead of this replica", from: Position{p0: 8, p1: 6}},
-		{name: "far ahead", from: Position{p0: 1 << 40, p1: 6}, err: ErrUnusable},
-		{name: "a partition this replica has not read yet", from: Position{p0: 6, p1: 6, KeyOf("identity.formed", [16]byte{}, 7): 3}},
-		{name: "a topic this replica does not have", from: Position{p0: 6, p1: 6, other: 3}, err: ErrUnusable},
-		{name: "empty", from: Position{}, err: ErrUnusable},
+		{name: "inside the window", from: sse.Position{p0: 5, p1: 3}, replay: []int64{5, 3, 4, 5}},
+		{name: "at the end", from: sse.Position{p0: 6, p1: 6}},
+		{name: "before the window, no Kafka", from: sse.Position{p0: 1, p1: 6}, err: ErrGap},
+		{name: "p0 missing means nothing of it seen: before the window", from: sse.Position{p1: 4}, err: ErrGap},
+		{name: "p1 missing means nothing of it seen, and the window has it all", from: sse.Position{p0: 4}, replay: []int64{4, 5, 0, 1, 2, 3, 4, 5}},
+		{name: "ahead of this replica", from: sse.Position{p0: 8, p1: 6}},
+		{name: "far ahead", from: sse.Position{p0: 1 << 40, p1: 6}, err: ErrUnusable},
+		{name: "a partition this replica has not read yet", from: sse.Position{p0: 6, p1: 6, sse.KeyOf("identity.formed", [16]byte{}, 7): 3}},
+		{name: "a topic this replica does not have", from: sse.Position{p0: 6, p1: 6, other: 3}, err: ErrUnusable},
+		{name: "empty", from: sse.Position{}, err: ErrUnusable},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -86,17 +88,17 @@ func TestIDsAndBackfill(t *testing.T) {
 	b := New(Options{Buffer: 16})
 	s := mustSubscribe(t, b, nil)
 	defer s.Close()
-	mustPublish(t, b, Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(`{}`), Offset: 7, Backfill: true})
+	mustPublish(t, b, sse.Event{Topic: "identity.formed", Type: "formed", TS: "1", Payload: json.RawMessage(`{}`), Offset: 7, Backfill: true})
 	if s.Queued() != 0 {
 		t.Fatal("backfill frame was broadcast")
 	}
-	mustPublish(t, b, Event{Topic: "identity.merged", Type: "merged", TS: "1", Payload: json.RawMessage(`{}`), Partition: 2, Offset: 3})
+	mustPublish(t, b, sse.Event{Topic: "identity.merged", Type: "merged", TS: "1", Payload: json.RawMessage(`{}`), Partition: 2, Offset: 3})
 	f := one(t, s)
-	want := Position{KeyOf("identity.formed", [16]byte{}, 0): 8, KeyOf("identity.merged", [16]byte{}, 2): 4}.Encode()
+	want := sse.Position{sse.KeyOf("identity.formed", [16]byte{}, 0): 8, sse.KeyOf("identity.merged", [16]byte{}, 2): 4}.Encode()
 	if got := string(f.Bytes[:len("id: ")+len(want)+1]); got != "id: "+want+"\n" {
 		t.Fatalf("frame starts %q, want id %q", got, want)
 	}
-	sent, err := resumeSent(t, b, Position{KeyOf("identity.formed", [16]byte{}, 0): 7, KeyOf("identity.merged", [16]byte{}, 2): 3})
+	sent, err := resumeSent(t, b, sse.Position{sse.KeyOf("identity.formed", [16]byte{}, 0): 7, sse.KeyOf("identity.merged", [16]byte{}, 2): 3})
 	if err != nil || len(sent) != 2 {
 		t.Fatalf("resume over backfill: %v %v", sent, err)
 	}
@@ -129,8 +131,8 @@ func TestOffsetsGoingBackResetWindow(t *testing.T) {
 func TestTopicRecreatedIsANewStream(t *testing.T) {
 	b := New(Options{})
 	oldID, newID := [16]byte{1}, [16]byte{2}
-	ev := func(topic string, id [16]byte, off int64) Event {
-		return Event{Topic: topic, TopicID: id, Type: "x", TS: "1", Payload: json.RawMessage(`{}`), Offset: off}
+	ev := func(topic string, id [16]byte, off int64) sse.Event {
+		return sse.Event{Topic: topic, TopicID: id, Type: "x", TS: "1", Payload: json.RawMessage(`{}`), Offset: off}
 	}
 	for off := range int64(50) {
 		mustPublish(t, b, ev("identity.formed", oldID, off))
@@ -141,12 +143,12 @@ func TestTopicRecreatedIsANewStream(t *testing.T) {
 	for off := range int64(3) {
 		mustPublish(t, b, ev("identity.formed", newID, off))
 	}
-	if _, ok := b.Position()[KeyOf("identity.formed", oldID, 0)]; ok {
+	if _, ok := b.Position()[sse.KeyOf("identity.formed", oldID, 0)]; ok {
 		t.Fatal("the old topic's partition is still in the position")
 	}
 	// Resuming from the first frame after the re-creation: exact, the rest
 	// of the new topic.
-	after := Position{KeyOf("identity.merged", [16]byte{9}, 0): 51, KeyOf("identity.formed", newID, 0): 1}
+	after := sse.Position{sse.KeyOf("identity.merged", [16]byte{9}, 0): 51, sse.KeyOf("identity.formed", newID, 0): 1}
 	if sent, err := resumeSent(t, b, after); err != nil || !slices.Equal(sent, []int64{1, 2}) {
 		t.Fatalf("resume after the re-creation: %v, %v; want offsets 1, 2", sent, err)
 	}
@@ -155,7 +157,30 @@ func TestTopicRecreatedIsANewStream(t *testing.T) {
 		t.Fatalf("resume from before the re-creation: %v, want ErrUnusable", err)
 	}
 	// Nor is one of the other topic alone from before it: the window was emptied.
-	if _, err := resumeSent(t, b, Position{KeyOf("identity.merged", [16]byte{9}, 0): 50}); !errors.Is(err, ErrGap) {
+	if _, err := resumeSent(t, b, sse.Position{sse.KeyOf("identity.merged", [16]byte{9}, 0): 50}); !errors.Is(err, ErrGap) {
 		t.Fatalf("resume from before the re-creation: %v, want ErrGap", err)
+	}
+}
+
+// Publish refuses the partition that would take the stream past
+// sse.MaxPartitions, and the ids it issues up to there all parse.
+func TestPublishWithinMaxPartitions(t *testing.T) {
+	b := New(Options{})
+	for p := range int32(sse.MaxPartitions) {
+		mustPublish(t, b, sse.Event{Topic: "identity.many", Type: "t", TS: "1", Payload: []byte(`{}`), Partition: p, Offset: 1 << 40})
+	}
+	err := b.Publish(sse.Event{Topic: "identity.more", Type: "t", TS: "1", Payload: []byte(`{}`)})
+	if !errors.Is(err, sse.ErrTooManyPartitions) {
+		t.Fatalf("publish past %d partitions: %v, want sse.ErrTooManyPartitions", sse.MaxPartitions, err)
+	}
+	s, _, err := b.Subscribe(nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	mustPublish(t, b, sse.Event{Topic: "identity.many", Type: "t", TS: "1", Payload: []byte(`{}`), Partition: 5, Offset: 1<<40 + 1})
+	f := one(t, s)
+	if _, err := sse.ParsePosition(f.ID()); err != nil {
+		t.Fatalf("id of %d bytes issued with %d partitions does not parse: %v", len(f.ID()), sse.MaxPartitions, err)
 	}
 }

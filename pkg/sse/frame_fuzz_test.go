@@ -1,4 +1,4 @@
-package fanout_test
+package sse_test
 
 import (
 	"bytes"
@@ -10,7 +10,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/decnet/identity-relay/internal/ssetest"
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // FuzzEncode guards the SSE framing: whatever Encode accepts becomes exactly
@@ -47,19 +47,19 @@ func FuzzEncode(f *testing.F) {
 		f.Add(s.topic, s.typ, s.ts, []byte(s.payload), s.id)
 	}
 	f.Fuzz(func(t *testing.T, topic, typ, ts string, payload []byte, id string) {
-		ev := fanout.Event{Topic: topic, Type: typ, TS: ts, Payload: payload}
-		name := fanout.EventName(topic)
-		fr, err := fanout.Encode(ev, id)
+		ev := sse.Event{Topic: topic, Type: typ, TS: ts, Payload: payload}
+		name := sse.EventName(topic)
+		fr, err := sse.Encode(ev, id)
 		if err != nil {
 			usableName := name != "" && !strings.ContainsAny(name, "\r\n") && utf8.ValidString(name)
-			if errors.Is(err, fanout.ErrBadName) == usableName {
+			if errors.Is(err, sse.ErrBadName) == usableName {
 				t.Fatalf("Encode(topic %q) error %v, event name usable: %v", topic, err, usableName)
 			}
-			if errors.Is(err, fanout.ErrNotUTF8) && utf8.ValidString(typ) && utf8.ValidString(ts) && utf8.Valid(payload) {
+			if errors.Is(err, sse.ErrNotUTF8) && utf8.ValidString(typ) && utf8.ValidString(ts) && utf8.Valid(payload) {
 				t.Fatalf("Encode refused UTF-8 input as not UTF-8: %q %q %q", typ, ts, payload)
 			}
 			usableID := !strings.ContainsAny(id, "\r\n\x00") && utf8.ValidString(id)
-			if errors.Is(err, fanout.ErrBadID) && usableID {
+			if errors.Is(err, sse.ErrBadID) && usableID {
 				t.Fatalf("Encode refused the usable id %q", id)
 			}
 			return
@@ -70,7 +70,7 @@ func FuzzEncode(f *testing.F) {
 
 // checkFrame asserts that b is the one frame of ev and id, read back by a
 // strict parser.
-func checkFrame(t *testing.T, b []byte, ev fanout.Event, id string) {
+func checkFrame(t *testing.T, b []byte, ev sse.Event, id string) {
 	t.Helper()
 	if bytes.IndexByte(b, '\r') >= 0 {
 		t.Fatalf("frame holds a CR: %q", b)
@@ -82,7 +82,7 @@ func checkFrame(t *testing.T, b []byte, ev fanout.Event, id string) {
 	if f.HasID != (id != "") || f.ID != id {
 		t.Fatalf("id %q (present %v), want %q (frame %q)", f.ID, f.HasID, id, b)
 	}
-	if want := fanout.EventName(ev.Topic); f.Event != want {
+	if want := sse.EventName(ev.Topic); f.Event != want {
 		t.Fatalf("event name %q, want %q (frame %q)", f.Event, want, b)
 	}
 	data := []byte(f.Data[0])

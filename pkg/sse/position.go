@@ -1,4 +1,4 @@
-package fanout
+package sse
 
 import (
 	"encoding/base64"
@@ -40,10 +40,10 @@ type Position map[Key]int64
 // Sentinel errors of positions.
 var (
 	// ErrBadPosition is returned by ParsePosition for an id the relay did not make.
-	ErrBadPosition = errors.New("fanout: not a stream position")
-	// ErrTooManyPartitions is returned by Publish for a record of a partition
-	// that would take the stream past MaxPartitions: its ids could not be read back.
-	ErrTooManyPartitions = errors.New("fanout: too many partitions for a stream position")
+	ErrBadPosition = errors.New("sse: not a stream position")
+	// ErrTooManyPartitions is for a partition that would take a stream past
+	// MaxPartitions: its ids could not be read back.
+	ErrTooManyPartitions = errors.New("sse: too many partitions for a stream position")
 )
 
 const (
@@ -62,8 +62,8 @@ const (
 	MaxPositionLen = (maxBinary*8 + 5) / 6
 )
 
-// slots is the number of partition slots Encode writes for p.
-func (p Position) slots() int {
+// Slots is the number of partition slots Encode writes for p: see MaxPartitions.
+func (p Position) Slots() int {
 	counts := map[uint32]int32{}
 	for k := range p {
 		counts[k.Topic] = max(counts[k.Topic], k.Partition+1)

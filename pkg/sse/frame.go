@@ -1,4 +1,7 @@
-package fanout
+// Package sse is the relay's wire format: the events browsers see, their
+// encoding as Server-Sent Events frames, and the stream positions that are
+// the frames' ids. It imports nothing of the relay's.
+package sse
 
 import (
 	"bytes"
@@ -8,10 +11,17 @@ import (
 	"unicode/utf8"
 )
 
-// ErrNotUTF8 is returned by Encode for a type, ts or payload that is not
-// UTF-8: an SSE stream is UTF-8, so a browser would read other text than the
-// bytes sent, and encoding/json would silently replace them in the type.
-var ErrNotUTF8 = errors.New("fanout: event is not UTF-8")
+// Sentinel errors of Encode.
+var (
+	// ErrNotUTF8 is returned for a type, ts or payload that is not UTF-8: an
+	// SSE stream is UTF-8, so a browser would read other text than the bytes
+	// sent, and encoding/json would silently replace them in the type.
+	ErrNotUTF8 = errors.New("sse: event is not UTF-8")
+	// ErrBadName is returned for a topic that cannot name an SSE event.
+	ErrBadName = errors.New("sse: topic cannot be an SSE event name")
+	// ErrBadID is returned for an id holding CR, LF or NUL.
+	ErrBadID = errors.New("sse: id cannot be an SSE id")
+)
 
 // TopicPrefix is stripped from a topic to name its SSE event:
 // identity.observation.linked → observation.linked.
@@ -45,16 +55,16 @@ type Frame struct {
 	head   int   // length of the "id: ...\n" line at the start of Bytes
 }
 
-// id is the frame's id, as Encode wrote it.
-func (f *Frame) id() string {
+// ID is the frame's id, as Encode wrote it.
+func (f *Frame) ID() string {
 	if f.head == 0 {
 		return ""
 	}
 	return string(f.Bytes[len("id: ") : f.head-1])
 }
 
-// withID returns the frame's bytes with id in place of its own.
-func (f *Frame) withID(id string) []byte {
+// WithID returns a copy of the frame's bytes with id in place of its own.
+func (f *Frame) WithID(id string) []byte {
 	body := f.Bytes[f.head:]
 	b := make([]byte, 0, len("id: \n")+len(id)+len(body))
 	b = append(b, "id: "...)

@@ -1,4 +1,4 @@
-package fanout
+package sse
 
 import (
 	"errors"
@@ -75,8 +75,8 @@ func TestPositionSparsePartitions(t *testing.T) {
 }
 
 // Every id Encode can make within MaxPartitions and MaxOffset is one
-// ParsePosition reads back: the longest fits MaxPositionLen, and Publish
-// refuses the partition that would go past MaxPartitions.
+// ParsePosition reads back: the longest fits MaxPositionLen, and one slot
+// more is refused.
 func TestPositionLimitsAgree(t *testing.T) {
 	worst := Position{}
 	for i := range MaxPartitions { // one slot per topic: the most bytes
@@ -94,24 +94,6 @@ func TestPositionLimitsAgree(t *testing.T) {
 		t.Fatalf("%d slots: %v, want ErrBadPosition", MaxPartitions+1, err)
 	}
 
-	b := New(Options{})
-	for p := range int32(MaxPartitions) {
-		mustPublish(t, b, Event{Topic: "identity.many", Type: "t", TS: "1", Payload: []byte(`{}`), Partition: p, Offset: 1 << 40})
-	}
-	err := b.Publish(Event{Topic: "identity.more", Type: "t", TS: "1", Payload: []byte(`{}`)})
-	if !errors.Is(err, ErrTooManyPartitions) {
-		t.Fatalf("publish past %d partitions: %v, want ErrTooManyPartitions", MaxPartitions, err)
-	}
-	s, _, err := b.Subscribe(nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	mustPublish(t, b, Event{Topic: "identity.many", Type: "t", TS: "1", Payload: []byte(`{}`), Partition: 5, Offset: 1<<40 + 1})
-	f := one(t, s)
-	if _, err := ParsePosition(f.id()); err != nil {
-		t.Fatalf("id of %d bytes issued with %d partitions does not parse: %v", len(f.id()), MaxPartitions, err)
-	}
 }
 
 // FuzzParsePosition: any input is a position or ErrBadPosition, never a
