@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
 	"github.com/decnet/identity-relay/pkg/fanout"
@@ -61,17 +60,13 @@ func (h *harness) dialStream(t *testing.T, user string) (net.Conn, io.Reader) {
 }
 
 // disconnects returns relay_viewer_disconnects_total{reason}.
-func (h *harness) disconnects(t *testing.T, reason string) float64 {
+func (h *harness) disconnects(t *testing.T, reason fanout.Reason) float64 {
 	t.Helper()
-	var m dto.Metric
-	if err := h.srv.m.disconnects.WithLabelValues(reason).Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
+	return counterValue(t, h.srv.m.disconnects.WithLabelValues(string(reason)))
 }
 
 // waitDisconnects waits until relay_viewer_disconnects_total{reason} is want.
-func (h *harness) waitDisconnects(t *testing.T, reason string, want float64) {
+func (h *harness) waitDisconnects(t *testing.T, reason fanout.Reason, want float64) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); h.disconnects(t, reason) != want; {
 		if time.Now().After(deadline) {
@@ -107,7 +102,7 @@ func TestClientSendingIsDisconnected(t *testing.T) {
 			}
 			h.waitDisconnects(t, "client_sent", 1)
 			h.waitOpen(t, "u-viewer", 0)
-			for _, r := range []string{reasonClientGone, reasonWriteError, reasonInternal} {
+			for _, r := range []fanout.Reason{reasonClientGone, reasonWriteError, reasonInternal} {
 				if n := h.disconnects(t, r); n != 0 {
 					t.Errorf("also counted %v under %s", n, r)
 				}
@@ -176,7 +171,7 @@ func TestStreamOutlivesReadTimeout(t *testing.T) {
 		}
 		got = append(got, buf[:n]...)
 	}
-	for _, r := range []string{reasonClientGone, "client_sent", reasonWriteError} {
+	for _, r := range []fanout.Reason{reasonClientGone, "client_sent", reasonWriteError} {
 		if n := h.disconnects(t, r); n != 0 {
 			t.Errorf("%v streams ended as %s", n, r)
 		}

@@ -35,15 +35,16 @@ var errDropped = errors.New("viewer dropped as slow")
 // maxBatch bounds how many frames one write carries.
 const maxBatch = 128
 
-// Disconnect reasons, the values of relay_viewer_disconnects_total{reason}.
+// The API's own reasons for ending a stream, beside fanout.ReasonSlow and
+// fanout.ReasonShutdown: together, the values of
+// relay_viewer_disconnects_total{reason}. A stream's subscription is ended
+// with the first reason that applies, and that one is counted.
 const (
-	reasonClientGone = "client_gone"
-	reasonClientSent = "client_sent" // the client sent on its stream, which SSE clients never do
-	reasonSlow       = "slow"
-	reasonShutdown   = "shutdown"
-	reasonWriteError = "write_error"
-	reasonInternal   = "internal"
-	reasonCredential = "credential" // the token expired or a re-check refused it (credential.go)
+	reasonClientGone fanout.Reason = "client_gone"
+	reasonClientSent fanout.Reason = "client_sent" // the client sent on its stream, which SSE clients never do
+	reasonWriteError fanout.Reason = "write_error"
+	reasonInternal   fanout.Reason = "internal"
+	reasonCredential fanout.Reason = "credential" // the token expired or a re-check refused it (credential.go)
 )
 
 // viewer is one admitted stream. Its goroutine (run) is the only writer of conn.
@@ -61,7 +62,6 @@ type viewer struct {
 	releaseReadBack func()
 	// cut is conn once run starts; onEnd uses it from the publisher's goroutine.
 	cut          atomic.Pointer[net.Conn]
-	sent         atomic.Bool // the client sent on its stream (watchClose)
 	lastDeadline time.Time
 	lastWrite    time.Time // the keepalive timer is not reset per batch, only checked against this
 	// The credential the stream was opened with, when to re-check it, and
@@ -273,7 +273,6 @@ func (v *viewer) responseHead() []byte {
 func (v *viewer) run(o opening) {
 	s := v.s
 	v.cut.Store(&v.conn)
-	reason := reasonWriteError
 	start := time.Now()
 	defer func() {
 		if r := recover(); r != nil {
@@ -281,11 +280,12 @@ func (v *viewer) run(o opening) {
 			if v.writeFrames(frameError) == nil {
 				_ = v.endResponse()
 			}
-			reason = reasonInternal
+			v.sub.End(reasonInternal)
 		}
-		v.sub.Close()
+		v.sub.End(reasonWriteError) // the first reason stays: this one when no other came first
+		reason := v.sub.Reason()
 		v.credTimer.Stop()
-		if reason == reasonSlow {
+		if reason == fanout.ReasonSlow {
 			// Reset instead of a graceful close: the kernel would otherwise keep
 			// the unsent frames (up to tcp_wmem's maximum, 4 MiB by default) for
 			// a viewer that is not reading, and send them whenever it does. It
@@ -297,9 +297,9 @@ func (v *viewer) run(o opening) {
 		_ = v.conn.Close()
 		s.limits.release(v.user)
 		s.m.connected.Dec()
-		s.m.disconnects.WithLabelValues(reason).Inc()
+		s.m.disconnects.WithLabelValues(string(reason)).Inc()
 		s.streams.done(v.conn)
-		s.log.Info("stream ended", "reason", reason, "duration", time.Since(start).Round(time.Millisecond).String())
+		s.log.Info("stream ended", "reason", string(reason), "duration", time.Since(start).Round(time.Millisecond).String())
 	}()
 
 	go v.watchClose()
@@ -310,7 +310,6 @@ func (v *viewer) run(o opening) {
 		return
 	}
 	if err := v.writeOpening(o); err != nil {
-		reason = v.writeFailed()
 		return
 	}
 
@@ -320,41 +319,24 @@ func (v *viewer) run(o opening) {
 	for {
 		select {
 		case <-v.sub.Done():
-			switch v.sub.Reason() {
-			case fanout.ReasonSlow:
-				reason = reasonSlow
-				return
-			case fanout.ReasonUnsubscribed: // watchClose: the client went or sent
-				reason = reasonClientGone
-				if v.sent.Load() {
-					reason = reasonClientSent
-				}
-				return
+			if v.sub.Reason() != fanout.ReasonShutdown {
+				return // dropped as slow, or the client went (watchClose)
 			}
 			// Shutdown: hand over what is already queued, then end the
 			// response cleanly so the browser reconnects to another replica.
-			if err := v.queued(nil); err != nil {
-				reason = v.writeFailed()
-				return
+			// Cut by the shutdown deadline meanwhile, it still counts as shutdown.
+			if v.queued(nil) == nil {
+				_ = v.endResponse()
 			}
-			if err := v.endResponse(); err != nil {
-				reason = v.writeFailed()
-				return
-			}
-			reason = reasonShutdown
 			return
 		case <-v.credentialEnd:
 			// No more frames for this credential; the browser reconnects
 			// and gets the 401 or 403 a new connection would.
-			if err := v.endResponse(); err != nil {
-				reason = v.writeFailed()
-				return
-			}
-			reason = reasonCredential
+			v.sub.End(reasonCredential)
+			_ = v.endResponse()
 			return
 		case next := <-queue:
 			if err := v.queued(next); err != nil {
-				reason = v.writeFailed()
 				return
 			}
 		case <-keepalive.C:
@@ -363,7 +345,6 @@ func (v *viewer) run(o opening) {
 				continue
 			}
 			if err := v.writeFrames(frameKeepalive); err != nil {
-				reason = v.writeFailed()
 				return
 			}
 			keepalive.Reset(s.cfg.Keepalive)
@@ -389,15 +370,6 @@ func (v *viewer) endResponse() error {
 	return err
 }
 
-// writeFailed names why a write failed: a viewer dropped as slow has its
-// blocked write cut on purpose (onEnd), which is not a network error.
-func (v *viewer) writeFailed() string {
-	if v.sub.Reason() == fanout.ReasonSlow {
-		return reasonSlow
-	}
-	return reasonWriteError
-}
-
 // watchClose ends the subscription when the client closes its side (or the
 // relay closes the connection, or the kernel drops it), which wakes run
 // through sub.Done: one channel fewer in run's select, on the path every
@@ -406,9 +378,9 @@ func (v *viewer) writeFailed() string {
 func (v *viewer) watchClose() {
 	var b [1]byte
 	if n, _ := v.conn.Read(b[:]); n > 0 {
-		v.sent.Store(true)
+		v.sub.End(reasonClientSent)
 	}
-	v.sub.Close()
+	v.sub.End(reasonClientGone)
 }
 
 // streamSet tracks the open streams, which http.Server.Shutdown does not see

@@ -27,32 +27,22 @@ var (
 	ErrGap = errors.New("fanout: the stream from this position is no longer held")
 )
 
-// Reason says why a subscription ended. Its String form doubles as a metric label.
-type Reason int
+// Reason says why a subscription ended. It is the label of the relay's
+// disconnect metric (relay_viewer_disconnects_total{reason}): the
+// broadcaster ends subscriptions as ReasonSlow or ReasonShutdown, and their
+// owner may end them for reasons of its own (End).
+type Reason string
 
 const (
 	// ReasonNone: the subscription is still live.
-	ReasonNone Reason = iota
+	ReasonNone Reason = ""
 	// ReasonSlow: the viewer's channel was full when a frame arrived.
-	ReasonSlow
+	ReasonSlow Reason = "slow"
 	// ReasonShutdown: the broadcaster was closed.
-	ReasonShutdown
-	// ReasonUnsubscribed: the viewer left (Subscription.Close).
-	ReasonUnsubscribed
+	ReasonShutdown Reason = "shutdown"
+	// ReasonClosed: Close, with no reason of the owner's.
+	ReasonClosed Reason = "closed"
 )
-
-func (r Reason) String() string {
-	switch r {
-	case ReasonSlow:
-		return "slow"
-	case ReasonShutdown:
-		return "shutdown"
-	case ReasonUnsubscribed:
-		return "unsubscribed"
-	default:
-		return "none"
-	}
-}
 
 // Broadcaster offers frames to subscribers and keeps the replay window. The
 // zero value is not usable; call New.
@@ -195,13 +185,18 @@ func (s *Subscription) Reason() Reason {
 	}
 }
 
-// Close unsubscribes. It is idempotent and safe to call from any goroutine.
-func (s *Subscription) Close() {
-	s.end(ReasonUnsubscribed)
+// End unsubscribes for reason r, unless the subscription has ended already
+// (the first reason stays). It is idempotent and safe to call from any
+// goroutine.
+func (s *Subscription) End(r Reason) {
+	s.end(r)
 	s.b.mu.Lock()
 	s.b.removeLocked(s)
 	s.b.mu.Unlock()
 }
+
+// Close is End(ReasonClosed).
+func (s *Subscription) Close() { s.End(ReasonClosed) }
 
 // end records the first reason and signals Done. Idempotent.
 func (s *Subscription) end(r Reason) bool {

@@ -166,7 +166,7 @@ func TestUnsubscribe(t *testing.T) {
 	s1, s2, s3 := mustSubscribe(t, b, nil), mustSubscribe(t, b, nil), mustSubscribe(t, b, nil)
 	s1.Close()
 	s1.Close()
-	if s1.Reason() != ReasonUnsubscribed || b.Stats().Subscribers != 2 {
+	if s1.Reason() != ReasonClosed || b.Stats().Subscribers != 2 {
 		t.Fatalf("reason %v len %d", s1.Reason(), b.Stats().Subscribers)
 	}
 	mustPublish(t, b, event(1))
