@@ -106,7 +106,7 @@ type Server struct {
 	engine *gin.Engine
 	limits *limiter
 	reads  *readBacks
-	snaps  *snapshotCache
+	snaps  *ttlCache[*snapshot]
 	m      *metrics
 	retry  []byte // the retry: frame
 
@@ -141,17 +141,16 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 	}
 	s := &Server{
 		cfg:    cfg,
-		store:  newCachedStore(store, cfg.AuthCacheTTL),
+		store:  newCachedStore(store, cfg.AuthCacheTTL, cfg.DBTimeout),
 		broker: broker,
 		auth:   newVerifier(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience, cfg.JWTLeeway),
 		log:    cfg.Logger.With("component", "api"),
 		limits: newLimiter(cfg.MaxPerUser, cfg.MaxConnections),
 		reads:  newReadBacks(cfg.ReadBacks),
-		snaps:  &snapshotCache{timeout: cfg.DBTimeout, position: broker.Position},
+		snaps:  newTTLCache[*snapshot](snapshotMaxAge, cfg.DBTimeout),
 		m:      m,
 		retry:  []byte("retry: " + strconv.FormatInt(cfg.Retry.Milliseconds(), 10) + "\n\n"),
 	}
-	s.snaps.load = func(ctx context.Context) (json.RawMessage, error) { return s.store.Snapshot(ctx, cfg.SnapshotLimit) }
 	gin.SetMode(gin.ReleaseMode)
 	e := gin.New()
 	if err := e.SetTrustedProxies(cfg.TrustedProxies); err != nil {

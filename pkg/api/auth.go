@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -132,102 +131,18 @@ func (s *Server) check(ctx context.Context, cl *claims) (code int, body []byte, 
 // the cache (zero when it was not cached).
 type cachedStore struct {
 	Store
-	users   cache[*users.User]
-	revoked cache[bool]
+	users   *ttlCache[*users.User]
+	revoked *ttlCache[bool]
 }
 
-func newCachedStore(s Store, ttl time.Duration) *cachedStore {
-	return &cachedStore{Store: s, users: newCache[*users.User](ttl), revoked: newCache[bool](ttl)}
+func newCachedStore(s Store, ttl, timeout time.Duration) *cachedStore {
+	return &cachedStore{Store: s, users: newTTLCache[*users.User](ttl, timeout), revoked: newTTLCache[bool](ttl, timeout)}
 }
 
 func (c *cachedStore) User(ctx context.Context, uuid string) (*users.User, time.Time, error) {
-	return c.users.get(uuid, func() (*users.User, error) {
-		ctx, cancel := detach(ctx)
-		defer cancel()
-		return c.Store.User(ctx, uuid)
-	})
+	return c.users.get(ctx, uuid, false, func(ctx context.Context) (*users.User, error) { return c.Store.User(ctx, uuid) })
 }
 
 func (c *cachedStore) Revoked(ctx context.Context, jti string) (bool, time.Time, error) {
-	return c.revoked.get(jti, func() (bool, error) {
-		ctx, cancel := detach(ctx)
-		defer cancel()
-		return c.Store.Revoked(ctx, jti)
-	})
-}
-
-// detach keeps ctx's deadline but not its cancellation: a shared lookup
-// serves every viewer waiting on it, so the one that started it leaving
-// must not fail it for the others.
-func detach(ctx context.Context) (context.Context, context.CancelFunc) {
-	if d, ok := ctx.Deadline(); ok {
-		return context.WithDeadline(context.WithoutCancel(ctx), d)
-	}
-	return context.WithCancel(context.WithoutCancel(ctx))
-}
-
-// maxCached bounds a cache; past it, expired entries are swept.
-const maxCached = 100_000
-
-type cache[T any] struct {
-	ttl     time.Duration
-	mu      sync.Mutex
-	entries map[string]cached[T]
-	calls   map[string]*call[T] // lookups under way
-}
-
-type cached[T any] struct {
-	v       T
-	expires time.Time
-}
-
-type call[T any] struct {
-	done    chan struct{}
-	v       T
-	expires time.Time
-	err     error
-}
-
-func newCache[T any](ttl time.Duration) cache[T] {
-	return cache[T]{ttl: ttl, entries: map[string]cached[T]{}, calls: map[string]*call[T]{}}
-}
-
-// get returns the value of key, and when it expires from the cache.
-func (c *cache[T]) get(key string, load func() (T, error)) (T, time.Time, error) {
-	c.mu.Lock()
-	if e, ok := c.entries[key]; ok && time.Now().Before(e.expires) {
-		c.mu.Unlock()
-		return e.v, e.expires, nil
-	}
-	if cl, ok := c.calls[key]; ok {
-		c.mu.Unlock()
-		<-cl.done // bounded: the leader's lookup has the database timeout
-		return cl.v, cl.expires, cl.err
-	}
-	cl := &call[T]{done: make(chan struct{})}
-	c.calls[key] = cl
-	c.mu.Unlock()
-
-	cl.v, cl.err = load()
-
-	c.mu.Lock()
-	delete(c.calls, key)
-	if cl.err == nil && c.ttl > 0 {
-		now := time.Now()
-		if len(c.entries) >= maxCached {
-			for k, e := range c.entries {
-				if !now.Before(e.expires) {
-					delete(c.entries, k)
-				}
-			}
-			if len(c.entries) >= maxCached {
-				clear(c.entries)
-			}
-		}
-		cl.expires = now.Add(c.ttl)
-		c.entries[key] = cached[T]{v: cl.v, expires: cl.expires}
-	}
-	c.mu.Unlock()
-	close(cl.done)
-	return cl.v, cl.expires, cl.err
+	return c.revoked.get(ctx, jti, false, func(ctx context.Context) (bool, error) { return c.Store.Revoked(ctx, jti) })
 }

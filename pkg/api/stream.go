@@ -191,12 +191,13 @@ func (s *Server) subscribeWithSnapshot(ctx context.Context, v *viewer, o *openin
 	return 0, nil
 }
 
-// snapshot returns a shared snapshot; see snapshotCache.
+// snapshot returns a shared snapshot at most snapshotMaxAge old, or with
+// fresh, one read after the call began.
 func (s *Server) snapshot(ctx context.Context, fresh bool) (*snapshot, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.DBTimeout)
 	defer cancel()
 	start := time.Now()
-	snap, err := s.snaps.get(ctx, fresh)
+	snap, _, err := s.snaps.get(ctx, "", fresh, s.loadSnapshot)
 	s.m.snapshot.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
