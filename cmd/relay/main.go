@@ -48,9 +48,12 @@ const (
 	// resume gaps back from Kafka: reads at once (one per user), and records
 	// and bytes (of record values, and of the frames made of them) per read.
 	// A longer gap gets a snapshot. See RELIABILITY.md for the memory bound.
+	// authCacheTTL is how long user rows and revocations are cached:
+	// CONTRACT.md allows 10 s, and a revocation reaches open streams within it.
+	authCacheTTL      = 10 * time.Second
 	historyReads      = 4
 	historyMaxRecords = 100_000
-	historyMaxBytes   = 8 << 20
+	historyMaxBytes   = fanout.DefaultReadBackBytes
 )
 
 // run starts the relay and blocks until ctx ends, then shuts down within
@@ -101,7 +104,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		JWTSecret: []byte(secret), JWTIssuer: cfg.JWTIssuer, JWTAudience: cfg.JWTAudience, JWTLeeway: cfg.JWTLeeway,
 		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
 		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
-		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, SendBuffer: cfg.SendBuffer, AuthCacheTTL: 10 * time.Second,
+		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, SendBuffer: cfg.SendBuffer, AuthCacheTTL: authCacheTTL,
 		UserTimeout: cfg.UserTimeout, TrustedProxies: cfg.TrustedProxies,
 		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
 		History: history, ReadBacks: historyReads,
@@ -157,7 +160,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		log.Warn("streams still open at the shutdown timeout; closed them", "err", err)
 	}
 	if err := httpSrv.Shutdown(shutCtx); err != nil {
-		log.Warn("streams still open at the shutdown timeout; closing them", "err", err)
+		log.Warn("requests still in progress at the shutdown timeout; closing them", "err", err)
 		_ = httpSrv.Close()
 	}
 	stopConsumer()
@@ -194,11 +197,8 @@ func registerFanoutMetrics(reg prometheus.Registerer, hub *fanout.Broadcaster) {
 
 // displayAddr turns a wildcard listen address into one a browser can open.
 func displayAddr(a net.Addr) string {
-	tcp, ok := a.(*net.TCPAddr)
-	if !ok || tcp.IP.IsUnspecified() {
-		if ok {
-			return fmt.Sprintf("localhost:%d", tcp.Port)
-		}
+	if tcp, ok := a.(*net.TCPAddr); ok && tcp.IP.IsUnspecified() {
+		return fmt.Sprintf("localhost:%d", tcp.Port)
 	}
 	return a.String()
 }

@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/decnet/identity-relay/pkg/fanout"
 )
 
 // ErrInvalid marks a configuration error; the process exits with code 2.
@@ -95,7 +97,7 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.Keepalive, err = positiveDuration(v); return }},
 	{"RELAY_SSE_WRITE_TIMEOUT", "10s", "limit on one write to a viewer; a viewer that takes longer is cut",
 		func(c *Config, v string) (err error) { c.WriteTimeout, err = positiveDuration(v); return }},
-	{"RELAY_SUBSCRIBER_BUFFER", "256", "frames queued per viewer; a viewer whose queue is full is dropped",
+	{"RELAY_SUBSCRIBER_BUFFER", strconv.Itoa(fanout.DefaultBuffer), "frames queued per viewer; a viewer whose queue is full is dropped",
 		func(c *Config, v string) (err error) { c.SubscriberBuffer, err = positiveInt(v); return }},
 	{"RELAY_SSE_FLUSH_INTERVAL", "5ms", "longest an event waits so that events close together reach a viewer in one write; 0 writes each at once",
 		func(c *Config, v string) (err error) { c.FlushInterval, err = nonNegativeDuration(v); return }},
@@ -105,9 +107,9 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.UserTimeout, err = userTimeout(v); return }},
 	{"RELAY_SSE_RETRY", "3s", "reconnection delay hinted to browsers with retry: once per stream",
 		func(c *Config, v string) (err error) { c.Retry, err = positiveDuration(v); return }},
-	{"RELAY_REPLAY_WINDOW", "10000", "events kept in memory for Last-Event-ID resumes; also read back from Kafka per partition at start-up",
+	{"RELAY_REPLAY_WINDOW", strconv.Itoa(fanout.DefaultWindowEvents), "events kept in memory for Last-Event-ID resumes; also read back from Kafka per partition at start-up",
 		func(c *Config, v string) (err error) { c.ReplayWindow, err = positiveInt(v); return }},
-	{"RELAY_REPLAY_WINDOW_BYTES", "67108864", "bytes of encoded frames kept for resumes (the window evicts past either bound)",
+	{"RELAY_REPLAY_WINDOW_BYTES", strconv.Itoa(fanout.DefaultWindowBytes), "bytes of encoded frames kept for resumes (the window evicts past either bound)",
 		func(c *Config, v string) (err error) { c.ReplayWindowBytes, err = positiveInt(v); return }},
 	{"RELAY_SNAPSHOT_LIMIT", "50", "identities in the snapshot frame",
 		func(c *Config, v string) (err error) { c.SnapshotLimit, err = positiveInt(v); return }},

@@ -36,6 +36,18 @@ type Postgres struct {
 	db *sqlx.DB
 }
 
+// The pool's bounds. Lookups are shared and cached (api's ttlCache), so a
+// replica needs few connections even in a reconnect storm: 16 at most
+// bounds what one replica asks of DECNET's database, 4 idle keep a steady
+// trickle of lookups from reconnecting. Connections are recycled so that a
+// database restart or failover leaves no stale ones for long.
+const (
+	maxOpenConns    = 16
+	maxIdleConns    = 4
+	connMaxIdleTime = 30 * time.Second
+	connMaxLifetime = 10 * time.Minute
+)
+
 // Open prepares a pool; it does not connect, so the relay starts (and serves
 // 503s) while the database is down and recovers without a restart.
 func Open(url string) (*Postgres, error) {
@@ -43,11 +55,10 @@ func Open(url string) (*Postgres, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
-	db.SetMaxOpenConns(16)
-	db.SetMaxIdleConns(4)
-	// Recycle connections so a database restart leaves no stale ones for long.
-	db.SetConnMaxIdleTime(30 * time.Second)
-	db.SetConnMaxLifetime(10 * time.Minute)
+	db.SetMaxOpenConns(maxOpenConns)
+	db.SetMaxIdleConns(maxIdleConns)
+	db.SetConnMaxIdleTime(connMaxIdleTime)
+	db.SetConnMaxLifetime(connMaxLifetime)
 	return &Postgres{db: db}, nil
 }
 

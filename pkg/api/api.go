@@ -1,6 +1,7 @@
 // Package api serves the SSE stream and the operational endpoints with Gin.
-// It decides every status before it writes a header, and one goroutine, the
-// request's own, owns each stream's ResponseWriter.
+// It decides every status before it writes a header; then it takes the
+// stream's connection over from net/http, and one goroutine of its own
+// writes to it (viewer.go).
 package api
 
 import (
@@ -186,6 +187,7 @@ var (
 	bodyDatabaseDown   = detail("Database unavailable")
 	bodyShuttingDown   = detail("Shutting down")
 	bodyGlobalCap      = detail("Connection limit reached")
+	bodyHTTP1Only      = detail("Streams are served over HTTP/1.1")
 	errDatabase        = errors.New("database unavailable")
 	errConsumerStopped = errors.New("kafka consumer not running or still filling the replay window")
 )
@@ -225,8 +227,9 @@ func (s *Server) readyz(c *gin.Context) {
 	c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("ready\n"))
 }
 
-// recover turns a panic into a 500 before headers, or an error frame after
-// (see stream.go), and logs it without the query string.
+// recover turns a panic in a handler into a 500 and logs it without the
+// query string. A panic once a stream is taken over is the stream's own: it
+// sends an error frame (viewer.run).
 func (s *Server) recover(c *gin.Context) {
 	defer func() {
 		if r := recover(); r != nil {

@@ -30,6 +30,15 @@ const (
 	keepaliveIdle     = 15 * time.Second
 	keepaliveInterval = 5 * time.Second
 	keepaliveCount    = 3
+
+	// idleTimeout closes a keep-alive connection that sends no next
+	// request: browsers reuse theirs within seconds, and an idle one holds
+	// a file descriptor of the 20,000 a replica may have.
+	idleTimeout = 2 * time.Minute
+	// maxHeaderBytes bounds a request's headers: a token is at most
+	// MaxTokenBytes (8 KiB), a resume id MaxPositionLen (19 KiB), with room
+	// for the cookies and proxy headers a browser and an ingress add.
+	maxHeaderBytes = 64 << 10
 )
 
 var bodyNotAllowed = detail("Request body not allowed")
@@ -43,8 +52,8 @@ func (s *Server) HTTPServer() *http.Server {
 		Handler:           s.engine,
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       s.cfg.ReadTimeout,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(s.cfg.Logger.With("component", "http").Handler(), slog.LevelWarn),
 	}
 }

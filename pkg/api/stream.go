@@ -38,6 +38,12 @@ func (s *Server) authorize(ctx context.Context, token string) (*claims, time.Tim
 // Then the connection is taken over from net/http (see viewer.go), and a
 // goroutine of its own streams to it while the handler returns.
 func (s *Server) events(c *gin.Context) {
+	if c.Request.ProtoMajor != 1 {
+		// A stream takes its connection over, which only HTTP/1 allows (an
+		// ingress speaks HTTP/1.1 to its pods); Gin's Hijack would panic.
+		s.fail(c, http.StatusHTTPVersionNotSupported, bodyHTTP1Only)
+		return
+	}
 	if s.draining.Load() {
 		s.fail(c, http.StatusServiceUnavailable, bodyShuttingDown)
 		return

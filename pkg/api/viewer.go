@@ -32,7 +32,9 @@ var (
 // errDropped ends the writes to a viewer dropped as slow.
 var errDropped = errors.New("viewer dropped as slow")
 
-// maxBatch bounds how many frames one write carries.
+// maxBatch bounds how many frames one write carries: enough that a burst
+// costs few system calls, few enough that one writev (at most IOV_MAX, 1,024
+// buffers) never has to be split by the kernel and one write stays short.
 const maxBatch = 128
 
 // The API's own reasons for ending a stream, beside fanout.ReasonSlow and

@@ -144,6 +144,22 @@ const (
 	// from holding the others back: past it the consumer reads on, and
 	// they are dropped as their queues fill.
 	maxPace = 100 * time.Millisecond
+	// paceStep is how often pace looks again whether the viewers caught up.
+	paceStep = time.Millisecond
+	// metadataMinAge spaces metadata refreshes: fetch errors that each ask
+	// for one (a broker restarting) cost one request a second.
+	metadataMinAge = time.Second
+	// fetchMaxWait is how long the broker holds a fetch open waiting for
+	// records: a record arriving meanwhile is returned at once, so it costs
+	// no latency, only how soon the consumer notices it should stop.
+	fetchMaxWait = 500 * time.Millisecond
+	// recreateRecheck spaces the metadata checks of a topic whose fetches
+	// fail with UNKNOWN_TOPIC_ID, and recreateTimeout bounds one.
+	recreateRecheck = time.Second
+	recreateTimeout = 5 * time.Second
+	// maxTracked bounds the per-topic and per-error maps: they hold a few
+	// entries normally, and must not grow without end when topics churn.
+	maxTracked = 1000
 )
 
 func (c *Consumer) clientOpts(start kgo.Offset) []kgo.Opt {
@@ -156,8 +172,8 @@ func (c *Consumer) clientOpts(start kgo.Offset) []kgo.Opt {
 		// earliest record rather than skipping what is there.
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 		kgo.MetadataMaxAge(metadataMaxAge),
-		kgo.MetadataMinAge(time.Second),
-		kgo.FetchMaxWait(500 * time.Millisecond),
+		kgo.MetadataMinAge(metadataMinAge),
+		kgo.FetchMaxWait(fetchMaxWait),
 		kgo.ClientID("identity-relay"),
 	}
 	return opts
@@ -328,7 +344,7 @@ func (c *Consumer) pace(ctx context.Context) {
 	}
 	for c.paceLeft > 0 && ctx.Err() == nil && c.sink.Behind() {
 		start := time.Now()
-		time.Sleep(time.Millisecond)
+		time.Sleep(paceStep)
 		waited := time.Since(start)
 		c.paceLeft -= waited
 		c.paced.Add(waited.Seconds())
@@ -346,7 +362,7 @@ func (c *Consumer) followRecreated(ctx context.Context, fetches kgo.Fetches) {
 	now := time.Now()
 	fetches.EachTopic(func(ft kgo.FetchTopic) {
 		for _, p := range ft.Partitions {
-			if errors.Is(p.Err, kerr.UnknownTopicID) && now.Sub(c.recheck[ft.Topic]) > time.Second {
+			if errors.Is(p.Err, kerr.UnknownTopicID) && now.Sub(c.recheck[ft.Topic]) > recreateRecheck {
 				stale[ft.Topic] = ft.TopicID
 			}
 		}
@@ -359,7 +375,7 @@ func (c *Consumer) followRecreated(ctx context.Context, fetches kgo.Fetches) {
 		topics = append(topics, t)
 		c.recheck[t] = now
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, recreateTimeout)
 	defer cancel()
 	md, err := kadm.NewClient(c.cl).Metadata(ctx, topics...)
 	if err != nil {
@@ -384,7 +400,7 @@ func (c *Consumer) followRecreated(ctx context.Context, fetches kgo.Fetches) {
 		}
 		c.checkFilled()
 	}
-	if len(c.recheck) > 1000 {
+	if len(c.recheck) > maxTracked {
 		clear(c.recheck)
 	}
 }
@@ -401,7 +417,7 @@ func (c *Consumer) logFetchError(topic string, partition int32, err error) {
 	last, seen := c.lastError[key]
 	logIt := !seen || now.Sub(last) > time.Minute
 	if logIt {
-		if len(c.lastError) > 1000 { // distinct errors are few; never let the map grow without end
+		if len(c.lastError) > maxTracked {
 			clear(c.lastError)
 		}
 		c.lastError[key] = now

@@ -18,8 +18,14 @@ import (
 // a read may be: only a snapshot helps then.
 var ErrHistoryGone = errors.New("consumer: records no longer in Kafka")
 
-// historyFetchBytes bounds one fetch of a read-back.
-const historyFetchBytes = 1 << 20
+const (
+	// historyFetchBytes bounds one fetch of a read-back.
+	historyFetchBytes = 1 << 20
+	// historyFetchWait is how long the broker holds a read-back's fetch
+	// open: the records it waits for exist, so a short wait only spares
+	// a round trip when a partition has none left below the range's end.
+	historyFetchWait = 100 * time.Millisecond
+)
 
 // History reads runs of partitions back from Kafka for viewers that resume
 // from a position older than the replay window. At most a few reads run at
@@ -76,7 +82,7 @@ func (h *History) client(cl *kgo.Client) (*kgo.Client, error) {
 		kgo.SeedBrokers(h.brokers...),
 		// A range that starts below the log start is gone: fail, do not skip.
 		kgo.ConsumeResetOffset(kgo.NoResetOffset()),
-		kgo.FetchMaxWait(100*time.Millisecond),
+		kgo.FetchMaxWait(historyFetchWait),
 		// A read holds what it decoded until it ends; small fetches keep the
 		// raw responses it is decoded from to a little beside that (Kafka
 		// still returns a larger record whole).

@@ -76,17 +76,17 @@ type Broadcaster struct {
 
 // Options size the broadcaster.
 type Options struct {
-	// Buffer is each viewer's channel capacity, in frames (default 256).
+	// Buffer is each viewer's channel capacity, in frames (DefaultBuffer).
 	Buffer int
 	// WindowEvents and WindowBytes bound the replay window; the oldest frames
-	// are evicted past either (defaults 10000 events, 64 MiB).
+	// are evicted past either (DefaultWindowEvents, DefaultWindowBytes).
 	WindowEvents int
 	WindowBytes  int
 	// FlushInterval is the longest a published frame waits to be offered
 	// with the frames after it; 0 offers every frame at once.
 	FlushInterval time.Duration
 	// ReadBackBytes bounds the frames one resume reads back from Kafka
-	// (default 8 MiB); a longer gap gets a snapshot.
+	// (DefaultReadBackBytes); a longer gap gets a snapshot.
 	ReadBackBytes int
 }
 
@@ -116,19 +116,33 @@ func (b *Broadcaster) Stats() Stats {
 	}
 }
 
-// New returns a broadcaster sized by o.
+// The defaults of Options (and of the relay's settings).
+const (
+	// DefaultBuffer: 256 frames (2 KiB of pointers) ride out a few hundred
+	// milliseconds of a busy stream for a reader that stalls for a moment.
+	DefaultBuffer = 256
+	// DefaultWindowEvents and DefaultWindowBytes: minutes of DECNET's usual
+	// traffic, so a rollout or a laptop's short sleep resumes from memory.
+	DefaultWindowEvents = 10000
+	DefaultWindowBytes  = 64 << 20
+	// DefaultReadBackBytes: a longer gap is cheaper healed by a snapshot,
+	// and four read-backs at once stay within tens of MiB (RELIABILITY.md).
+	DefaultReadBackBytes = 8 << 20
+)
+
+// New returns a broadcaster sized by o; a field below 1 takes its default.
 func New(o Options) *Broadcaster {
 	if o.Buffer < 1 {
-		o.Buffer = 256
+		o.Buffer = DefaultBuffer
 	}
 	if o.WindowEvents < 1 {
-		o.WindowEvents = 10000
+		o.WindowEvents = DefaultWindowEvents
 	}
 	if o.WindowBytes < 1 {
-		o.WindowBytes = 64 << 20
+		o.WindowBytes = DefaultWindowBytes
 	}
 	if o.ReadBackBytes < 1 {
-		o.ReadBackBytes = 8 << 20
+		o.ReadBackBytes = DefaultReadBackBytes
 	}
 	return &Broadcaster{
 		buffer: o.Buffer, flushEvery: max(o.FlushInterval, 0), flushAfter: min(max(o.Buffer/4, 1), maxFlush),
