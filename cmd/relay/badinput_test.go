@@ -503,23 +503,7 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	rssConnected := vmRSS(t, pid)
 	producing := time.Now()
 
-	var peak atomic.Int64
-	peak.Store(rssConnected)
-	stopSampling := make(chan struct{})
-	sampled := make(chan struct{})
-	go func() {
-		defer close(sampled)
-		for {
-			if rss, err := readVmRSS(pid); err == nil && rss > peak.Load() {
-				peak.Store(rss)
-			}
-			select {
-			case <-stopSampling:
-				return
-			case <-time.After(50 * time.Millisecond):
-			}
-		}
-	}()
+	stopSampling := sampleRSS(pid, rssConnected)
 
 	// Produce in batches of 100, each once every reader is within 100 events:
 	// a reader's queue then never holds more than 200 of its 256 frames.
@@ -571,8 +555,7 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	close(stopSampling)
-	<-sampled
+	peak := stopSampling()
 	t.Logf("%d events produced and read in %v", produced, time.Since(producing).Round(time.Millisecond))
 	rssEnd := vmRSS(t, pid)
 
@@ -606,12 +589,12 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	// heap reach twice the live data; 4x and 64 MiB spare leave margin).
 	shared := rssConnected + 4*window + 64<<20
 	t.Logf("%d events of %d-byte frames; VmRSS: started %s, %d viewers connected %s, peak %s, end %s; worst-case bound %s, shared-frame bound %s",
-		produced, frame, mib(rssStart), stalled+readers, mib(rssConnected), mib(peak.Load()), mib(rssEnd), mib(bound), mib(shared))
-	if peak.Load() >= bound {
-		t.Fatalf("peak VmRSS %s over the worst-case bound %s", mib(peak.Load()), mib(bound))
+		produced, frame, mib(rssStart), stalled+readers, mib(rssConnected), mib(peak), mib(rssEnd), mib(bound), mib(shared))
+	if peak >= bound {
+		t.Fatalf("peak VmRSS %s over the worst-case bound %s", mib(peak), mib(bound))
 	}
-	if peak.Load() >= shared {
-		t.Fatalf("peak VmRSS %s over the shared-frame bound %s: frames copied per viewer?", mib(peak.Load()), mib(shared))
+	if peak >= shared {
+		t.Fatalf("peak VmRSS %s over the shared-frame bound %s: frames copied per viewer?", mib(peak), mib(shared))
 	}
 }
 
@@ -645,6 +628,31 @@ func closingSockets(t *testing.T, baseURL string) int {
 		}
 	}
 	return n
+}
+
+// sampleRSS samples the VmRSS of process pid every 20 ms from now on; the
+// returned stop ends it and returns the peak (at least from).
+func sampleRSS(pid int, from int64) (stop func() int64) {
+	peak := from
+	done, sampled := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			if rss, err := readVmRSS(pid); err == nil {
+				peak = max(peak, rss)
+			}
+			select {
+			case <-done:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
+	return func() int64 {
+		close(done)
+		<-sampled
+		return peak
+	}
 }
 
 // mib formats a byte count in MiB.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -53,23 +52,7 @@ func TestHostileResumesMemoryBounded(t *testing.T) {
 
 	pid := r.Pid()
 	rssStart := vmRSS(t, pid)
-	var peak atomic.Int64
-	peak.Store(rssStart)
-	stop := make(chan struct{})
-	sampled := make(chan struct{})
-	go func() {
-		defer close(sampled)
-		for {
-			if rss, err := readVmRSS(pid); err == nil && rss > peak.Load() {
-				peak.Store(rss)
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-	}()
+	stopSampling := sampleRSS(pid, rssStart)
 
 	// Per user: one resume from the first record (80 MiB behind: given up
 	// at 8 MiB, then a snapshot), two from 1,800 records back (7.4 MiB of
@@ -98,8 +81,7 @@ func TestHostileResumesMemoryBounded(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	close(stop)
-	<-sampled
+	peak := stopSampling()
 
 	// Four read-backs at once, each holding at most 8 MiB of decoded records
 	// and 8 MiB of frames, and 1 MiB fetches (8 MiB counted, for slack):
@@ -109,11 +91,11 @@ func TestHostileResumesMemoryBounded(t *testing.T) {
 	const bound = 2 * 4 * 3 * 8 << 20
 	kafka := relaytest.Metric(t, r.URL, `relay_resumes_total{via="kafka"}`)
 	t.Logf("%d hostile resumes from %d users (%v read back, the rest a snapshot): VmRSS %s before, peak %s (+%s), bound +%s",
-		3*users, users, kafka, mib(rssStart), mib(peak.Load()), mib(peak.Load()-rssStart), mib(bound))
+		3*users, users, kafka, mib(rssStart), mib(peak), mib(peak-rssStart), mib(bound))
 	if kafka < 1 { // how many depends on scheduling: each waits 5 s at most for a slot
 		t.Fatal("no resume was read back: the bound was not exercised")
 	}
-	if grew := peak.Load() - rssStart; grew > bound {
+	if grew := peak - rssStart; grew > bound {
 		t.Fatalf("VmRSS grew by %s during the hostile resumes, over the bound %s", mib(grew), mib(bound))
 	}
 }

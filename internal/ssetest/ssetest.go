@@ -10,10 +10,13 @@ package ssetest
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
 	"strings"
+	"testing"
 	"unicode/utf8"
 )
 
@@ -183,4 +186,22 @@ func (f *Frame) addLine(line string) error {
 		return fmt.Errorf("unknown field %q", name)
 	}
 	return nil
+}
+
+// SameJSON reports whether a and b hold the same JSON value, numbers
+// compared as written (1.0 and 1 differ, as they do to a browser that shows
+// them); it fails t when either is not JSON.
+func SameJSON(t testing.TB, a, b []byte) bool {
+	t.Helper()
+	decode := func(raw []byte) any {
+		t.Helper()
+		dec := json.NewDecoder(bytes.NewReader(raw))
+		dec.UseNumber()
+		var v any
+		if err := dec.Decode(&v); err != nil {
+			t.Fatalf("not JSON: %q: %v", raw, err)
+		}
+		return v
+	}
+	return reflect.DeepEqual(decode(a), decode(b))
 }

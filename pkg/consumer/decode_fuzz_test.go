@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"reflect"
 	"strconv"
 	"strings"
 	"testing"
@@ -185,24 +184,7 @@ func checkDecodedFrame(t *testing.T, b []byte, topic string, recTS time.Time, va
 	if !bytes.HasPrefix(got.Payload, []byte("{")) {
 		t.Fatalf("data payload %s is not an object", got.Payload)
 	}
-	if !sameJSON(t, got.Payload, wantPayload) {
+	if !ssetest.SameJSON(t, got.Payload, wantPayload) {
 		t.Fatalf("data payload %s, want %s", got.Payload, wantPayload)
 	}
-}
-
-// sameJSON reports whether a and b hold the same JSON value; numbers are
-// compared as written.
-func sameJSON(t *testing.T, a, b []byte) bool {
-	t.Helper()
-	decode := func(raw []byte) any {
-		t.Helper()
-		dec := json.NewDecoder(bytes.NewReader(raw))
-		dec.UseNumber()
-		var v any
-		if err := dec.Decode(&v); err != nil {
-			t.Fatalf("not JSON: %q: %v", raw, err)
-		}
-		return v
-	}
-	return reflect.DeepEqual(decode(a), decode(b))
 }

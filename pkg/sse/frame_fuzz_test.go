@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"reflect"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -110,32 +109,10 @@ func checkFrame(t *testing.T, b []byte, ev sse.Event, id string) {
 	if got.Type == nil || *got.Type != ev.Type {
 		t.Fatalf("data type differs from %q (data %q)", ev.Type, data)
 	}
-	if !sameJSON(t, got.TS, []byte(ev.TS)) {
+	if !ssetest.SameJSON(t, got.TS, []byte(ev.TS)) {
 		t.Fatalf("data ts %s, want %q", got.TS, ev.TS)
 	}
-	if !sameJSON(t, got.Payload, ev.Payload) {
+	if !ssetest.SameJSON(t, got.Payload, ev.Payload) {
 		t.Fatalf("data payload %s, want %q", got.Payload, ev.Payload)
 	}
-}
-
-// sameJSON reports whether a and b hold the same JSON value; numbers are
-// compared as written.
-func sameJSON(t *testing.T, a, b []byte) bool {
-	t.Helper()
-	va, ea := decodeJSON(a)
-	vb, eb := decodeJSON(b)
-	if ea != nil || eb != nil {
-		t.Fatalf("not JSON: %q (%v) / %q (%v)", a, ea, b, eb)
-	}
-	return reflect.DeepEqual(va, vb)
-}
-
-func decodeJSON(b []byte) (any, error) {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	var v any
-	if err := dec.Decode(&v); err != nil {
-		return nil, err
-	}
-	return v, nil
 }
