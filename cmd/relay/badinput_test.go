@@ -29,6 +29,7 @@ import (
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/ssetest"
 	"github.com/decnet/identity-relay/internal/testenv"
+	"github.com/decnet/identity-relay/pkg/api"
 )
 
 // skippedCounts returns relay_records_skipped_total by reason.
@@ -242,7 +243,7 @@ func TestBadRecordsEndToEnd(t *testing.T) {
 func TestSlowlorisHeaderTimeout(t *testing.T) {
 	env, _ := resumeEnv(t, nil)
 	r := relaytest.Start(t, env)
-	req := "GET /api/v1/identities/events?token=x HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n" +
+	req := "GET " + api.EventsPath + "?token=x HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n" +
 		"X-Slow: " + strings.Repeat("s", 30) + "\r\n\r\n" // about 100 s at a byte a second
 	conn, err := net.Dial("tcp", strings.TrimPrefix(r.URL, "http://"))
 	if err != nil {
@@ -315,7 +316,7 @@ func TestAnnouncedBodyNeverSent(t *testing.T) {
 	token := viewerToken(t)
 	answers := make(chan error, conns)
 	for i := range conns {
-		target := "/api/v1/identities/events?token=" + token
+		target := api.EventsPath + "?token=" + token
 		if i%2 == 1 {
 			target = "/healthz"
 		}
@@ -458,7 +459,7 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 
 	// The stalled viewers: a request, then never a read.
 	addr := strings.TrimPrefix(r.URL, "http://")
-	request := []byte("GET /api/v1/identities/events?token=" + token + " HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n\r\n")
+	request := []byte("GET " + api.EventsPath + "?token=" + token + " HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n\r\n")
 	conns := make([]net.Conn, stalled)
 	for i := range stalled {
 		conns[i] = dialStalled(t, addr, request)
@@ -477,7 +478,7 @@ func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	for i := range cvs {
 		cvs[i] = &countingViewer{}
 		wg.Go(func() {
-			resp, err := client.Get(r.URL + "/api/v1/identities/events?token=" + token)
+			resp, err := client.Get(r.URL + api.EventsPath + "?token=" + token)
 			if err == nil && resp.StatusCode != http.StatusOK {
 				resp.Body.Close()
 				err = fmt.Errorf("status %d", resp.StatusCode)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"regexp"
 	"strings"
@@ -9,29 +8,10 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kfake"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/internal/relaytest"
+	"github.com/decnet/identity-relay/pkg/api"
 )
-
-func produce(t *testing.T, cl *kgo.Client, topic, value string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := cl.ProduceSync(ctx, &kgo.Record{Topic: topic, Value: []byte(value)}).FirstErr(); err != nil {
-		t.Fatalf("produce to %s: %v", topic, err)
-	}
-}
-
-func producer(t *testing.T, brokers []string) *kgo.Client {
-	t.Helper()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.AllowAutoTopicCreation(), kgo.ProducerLinger(0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cl.Close)
-	return cl
-}
 
 // Over real HTTP with the in-process broker: a record on identity.formed reaches
 // the viewer as the exact frame, a foreign topic is not delivered, and a
@@ -52,9 +32,9 @@ func TestEndToEndInProcessKafka(t *testing.T) {
 	s := relaytest.Dial(t, relay.URL, relaytest.Token(t, relaytest.Secret, user))
 	s.ExpectStart(t)
 
-	cl := producer(t, brokers)
-	produce(t, cl, "other.topic", `{"v":1,"type":"x","payload":{"identity_uuid":"foreign"}}`)
-	produce(t, cl, "identity.formed",
+	cl := relaytest.Producer(t, brokers)
+	relaytest.Produce(t, cl, "other.topic", 0, `{"v":1,"type":"x","payload":{"identity_uuid":"foreign"}}`)
+	relaytest.Produce(t, cl, "identity.formed", 0,
 		`{"v":1,"id":"ab12","topic":"ignored","type":"formed","ts":1750000000.123,"payload":{"identity_uuid":"u-1","observation_uuids":["o-1","o-2"]}}`)
 	want := "event: formed\ndata: {\"topic\":\"identity.formed\",\"type\":\"formed\",\"ts\":1750000000.123," +
 		"\"payload\":{\"identity_uuid\":\"u-1\",\"observation_uuids\":[\"o-1\",\"o-2\"]}}\n\n"
@@ -64,7 +44,7 @@ func TestEndToEndInProcessKafka(t *testing.T) {
 
 	// A topic that did not exist when the relay started.
 	start := time.Now()
-	produce(t, cl, "identity.campaign.assigned",
+	relaytest.Produce(t, cl, "identity.campaign.assigned", 0,
 		`{"identity_uuid":"u-1","campaign_uuid":"c-1","prior_campaign_uuid":null}`)
 	_, got := relaytest.SplitID(t, s.NextEvent(t, 10*time.Second))
 	prefix := "event: campaign.assigned\ndata: {\"topic\":\"identity.campaign.assigned\",\"type\":\"campaign.assigned\",\"ts\":"
@@ -78,7 +58,7 @@ func TestEndToEndInProcessKafka(t *testing.T) {
 // The demo needs nothing installed: its printed URL streams a snapshot and then live events.
 func TestDemoStreams(t *testing.T) {
 	relay := relaytest.Start(t, map[string]string{"RELAY_LISTEN_ADDR": "127.0.0.1:0"}, "--demo")
-	re := regexp.MustCompile(`Stream: (http://\S+)/api/v1/identities/events\?token=(\S+)`)
+	re := regexp.MustCompile(`Stream: (http://\S+)` + regexp.QuoteMeta(api.EventsPath) + `\?token=(\S+)`)
 	var m []string
 	for deadline := time.Now().Add(10 * time.Second); m == nil && time.Now().Before(deadline); {
 		time.Sleep(50 * time.Millisecond)

@@ -27,6 +27,7 @@ import (
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/ssetest"
 	"github.com/decnet/identity-relay/internal/testenv"
+	"github.com/decnet/identity-relay/pkg/api"
 )
 
 // sseViewer is one viewer's stream, read to its end by its own goroutine:
@@ -68,7 +69,7 @@ func streamClient(t testing.TB) *http.Client {
 // whole into raw and the viewer is done at once. It may run on any goroutine.
 func dialViewer(client *http.Client, baseURL, token string) (*sseViewer, error) {
 	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/api/v1/identities/events?token="+token, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+api.EventsPath+"?token="+token, nil)
 	if err != nil {
 		cancel()
 		return nil, err
@@ -287,14 +288,6 @@ func wantSeqs(t *testing.T, who string, got []int, from, to int) {
 	}
 }
 
-// produceNumbered produces {"seq":i} for i in [from, to) to partition 0.
-func produceNumbered(t *testing.T, cl *kgo.Client, topic string, from, to int) {
-	t.Helper()
-	for i := from; i < to; i++ {
-		relaytest.Produce(t, cl, topic, 0, fmt.Sprintf(`{"seq":%d}`, i))
-	}
-}
-
 // waitMetricAtLeast polls a /metrics sample until it reaches want.
 func waitMetricAtLeast(t *testing.T, baseURL, sample string, want float64, timeout time.Duration) float64 {
 	t.Helper()
@@ -349,7 +342,7 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 
 	vs := openViewers(t, streamClient(t), r.URL, token, viewers)
 	expectStarted(t, vs, 60*time.Second)
-	produceNumbered(t, cl, topic, 0, 1) // the pipeline works before the outage
+	produceSeq(t, cl, topic, 1, 0, 1) // the pipeline works before the outage
 	waitViewers(t, vs, 30*time.Second, "seq 0", func(v *sseViewer) bool { return len(v.liveEvents()) == 1 })
 
 	restartKafkaAtCleanup(t)
@@ -377,7 +370,7 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 	testenv.StartKafka(t)
 	restarted := time.Now()
 	cl2 := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	produceNumbered(t, cl2, topic, 1, 1+after)
+	produceSeq(t, cl2, topic, 1, 1, 1+after)
 	waitViewers(t, vs, 90*time.Second, "the events produced after the restart",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 1+after })
 	t.Logf("all %d viewers had the %d post-restart events %v after the broker was back",
@@ -404,7 +397,7 @@ func TestRelayStartsWhileBrokerDown(t *testing.T) {
 	brokers := testenv.KafkaBrokers(t)
 	cl := relaytest.Producer(t, brokers)
 	relaytest.CreateTopic(t, cl, topic, 1)
-	produceNumbered(t, cl, topic, -1, 0) // before the relay started: history, never broadcast
+	produceSeq(t, cl, topic, 1, -1, 0) // before the relay started: history, never broadcast
 	token := viewerToken(t)
 
 	restartKafkaAtCleanup(t)
@@ -429,7 +422,7 @@ func TestRelayStartsWhileBrokerDown(t *testing.T) {
 
 	testenv.StartKafka(t)
 	back := time.Now()
-	produceNumbered(t, relaytest.Producer(t, brokers), topic, 0, n)
+	produceSeq(t, relaytest.Producer(t, brokers), topic, 1, 0, n)
 	waitViewers(t, vs, 90*time.Second, "the events", func(v *sseViewer) bool { return len(v.liveEvents()) >= n })
 	t.Logf("events reached all viewers %v after the broker started", time.Since(back).Round(time.Millisecond))
 	time.Sleep(500 * time.Millisecond)
@@ -479,14 +472,14 @@ func TestTopicDeletedAndRecreated(t *testing.T) {
 	token := viewerToken(t)
 	v := openViewer(t, streamClient(t), r.URL, token)
 	expectStarted(t, []*sseViewer{v}, 30*time.Second)
-	produceNumbered(t, cl, topic, 0, 3)
+	produceSeq(t, cl, topic, 1, 0, 3)
 	waitViewers(t, []*sseViewer{v}, 30*time.Second, "the first topic's events",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 3 })
 
 	recreateTopic(t, cl, topic, 1)
 	recreated := time.Now()
 	cl2 := relaytest.Producer(t, testenv.KafkaBrokers(t)) // a fresh client: cl refuses the new topic ID
-	produceNumbered(t, cl2, topic, 3, 6)
+	produceSeq(t, cl2, topic, 1, 3, 6)
 	waitViewers(t, []*sseViewer{v}, 60*time.Second, "the re-created topic's events",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 6 })
 	t.Logf("re-created topic's events delivered %v after its creation", time.Since(recreated).Round(time.Millisecond))
@@ -517,7 +510,7 @@ func timedConnect(t *testing.T, baseURL, token string) (code int, body string, t
 	t.Helper()
 	c := http.Client{Timeout: 30 * time.Second}
 	start := time.Now()
-	resp, err := c.Get(baseURL + "/api/v1/identities/events?token=" + token)
+	resp, err := c.Get(baseURL + api.EventsPath + "?token=" + token)
 	if err != nil {
 		t.Fatalf("connect: %v", err)
 	}
@@ -577,7 +570,7 @@ func TestDatabaseOutage(t *testing.T) {
 		t.Fatalf("/readyz = %d with the database down, want 503", code)
 	}
 
-	produceNumbered(t, cl, topic, 0, 3)
+	produceSeq(t, cl, topic, 1, 0, 3)
 	waitViewers(t, []*sseViewer{v}, 30*time.Second, "events during the outage",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 3 })
 
@@ -601,7 +594,7 @@ func TestDatabaseOutage(t *testing.T) {
 		}
 	}
 	t.Logf("new viewers accepted %v after the database returned", time.Since(back).Round(time.Millisecond))
-	produceNumbered(t, cl, topic, 3, 5)
+	produceSeq(t, cl, topic, 1, 3, 5)
 	waitViewers(t, []*sseViewer{v}, 30*time.Second, "events after the outage",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 5 })
 	wantSeqs(t, "the open stream", eventSeqs(t, v.liveEvents(), topic), 0, 5)

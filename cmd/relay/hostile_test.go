@@ -12,6 +12,7 @@ import (
 
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/testenv"
+	"github.com/decnet/identity-relay/pkg/api"
 	"github.com/decnet/identity-relay/pkg/sse"
 )
 
@@ -61,7 +62,7 @@ func TestHostileResumesMemoryBounded(t *testing.T) {
 	for range users {
 		tok := viewerToken(t)
 		for _, id := range []string{idAfter(0), idAfter(records - 1800), idAfter(records - 1800)} {
-			request := "GET /api/v1/identities/events?token=" + tok + " HTTP/1.1\r\nHost: relay\r\nLast-Event-ID: " + id + "\r\n\r\n"
+			request := "GET " + api.EventsPath + "?token=" + tok + " HTTP/1.1\r\nHost: relay\r\nLast-Event-ID: " + id + "\r\n\r\n"
 			dialStalled(t, addr, []byte(request))
 		}
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/testenv"
+	"github.com/decnet/identity-relay/pkg/api"
 )
 
 // seqEvent is what the resume tests publish: a sequence number per partition.
@@ -53,10 +54,9 @@ func viewerToken(t *testing.T) string {
 	return relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
 }
 
-// produceSeq produces seqs [from, to) round-robin over partitions.
-func produceSeq(t *testing.T, topic string, partitions int32, from, to int) {
+// produceSeq produces seqs [from, to) with cl, round-robin over partitions.
+func produceSeq(t *testing.T, cl *kgo.Client, topic string, partitions int32, from, to int) {
 	t.Helper()
-	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
 	for i := from; i < to; i++ {
 		p := int32(i) % partitions
 		relaytest.Produce(t, cl, topic, p, fmt.Sprintf(`{"p":%d,"seq":%d}`, p, i))
@@ -133,12 +133,12 @@ func TestResumeOnAnotherReplica(t *testing.T) {
 	c := newCollector(t)
 	s := relaytest.Dial(t, a.URL, token)
 	s.ExpectStart(t)
-	produceSeq(t, topic, 3, 0, n/2)
+	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 3, 0, n/2)
 	for range n / 3 {
 		c.take(s, 15*time.Second)
 	}
 	s.Close()
-	produceSeq(t, topic, 3, n/2, n)
+	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 3, n/2, n)
 
 	s = relaytest.DialWith(t, b.URL, token, lastEventID(c.lastID))
 	openingFrames(t, s)
@@ -221,7 +221,7 @@ func TestResumeEdges(t *testing.T) {
 
 	s := relaytest.Dial(t, r.URL, token)
 	s.ExpectStart(t)
-	produceSeq(t, topic, 1, 0, 20)
+	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 0, 20)
 	ids := make([]string, 20)
 	for i := range ids {
 		ids[i], _ = relaytest.SplitID(t, s.NextEvent(t, 15*time.Second))
@@ -268,7 +268,7 @@ func TestResumeEdges(t *testing.T) {
 			if f := s.Next(t, 10*time.Second); !strings.HasPrefix(f, "event: snapshot\ndata: {\"identities\":") {
 				t.Fatalf("frame %q, want a snapshot", f)
 			}
-			produceSeq(t, topic, 1, 100, 101)
+			produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 100, 101)
 			c := newCollector(t)
 			c.take(s, 15*time.Second)
 			if !c.seen[100] || len(c.seen) != 1 {
@@ -304,7 +304,7 @@ func TestReconnectStormQueries(t *testing.T) {
 	token := viewerToken(t)
 	s := relaytest.Dial(t, r.URL, token)
 	s.ExpectStart(t)
-	produceSeq(t, topic, 1, 0, 10)
+	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 0, 10)
 	var id string
 	for range 5 {
 		id, _ = relaytest.SplitID(t, s.NextEvent(t, 15*time.Second))
@@ -324,7 +324,7 @@ func TestReconnectStormQueries(t *testing.T) {
 	start := time.Now()
 	for i := range viewers {
 		go func() {
-			req, _ := http.NewRequest(http.MethodGet, r.URL+"/api/v1/identities/events?token="+token, nil)
+			req, _ := http.NewRequest(http.MethodGet, r.URL+api.EventsPath+"?token="+token, nil)
 			if i%2 == 0 {
 				req.Header.Set("Last-Event-ID", id)
 			}

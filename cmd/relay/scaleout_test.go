@@ -38,7 +38,7 @@ func TestScaleOutThreeReplicas(t *testing.T) {
 		byReplica = append(byReplica, vs)
 	}
 
-	produceSeq(t, topic, partitions, 0, first)
+	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, partitions, 0, first)
 	for _, vs := range byReplica {
 		for _, v := range vs {
 			for len(v.c.seen) < first {
@@ -52,7 +52,7 @@ func TestScaleOutThreeReplicas(t *testing.T) {
 	drained := replicas[0]
 	start := time.Now()
 	drained.Signal(syscall.SIGTERM)
-	produceSeq(t, topic, partitions, first, first+second)
+	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, partitions, first, first+second)
 	for i, v := range byReplica[0] {
 		for {
 			f, err := v.s.NextOrEnd(15 * time.Second)

@@ -32,6 +32,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/internal/testenv"
+	"github.com/decnet/identity-relay/pkg/api"
 )
 
 // Secret is the JWT secret every test relay is started with.
@@ -284,7 +285,7 @@ func Dial(t testing.TB, baseURL, token string) *Stream {
 func DialWith(t testing.TB, baseURL, token string, header http.Header) *Stream {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/api/v1/identities/events?token="+token, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+api.EventsPath+"?token="+token, nil)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
