@@ -85,11 +85,12 @@ func TestHostileResumesMemoryBounded(t *testing.T) {
 	peak := stopSampling()
 
 	// Four read-backs at once, each holding at most 8 MiB of decoded records
-	// and 8 MiB of frames, and 1 MiB fetches (8 MiB counted, for slack):
-	// 96 MiB live, and Go lets the heap reach twice what is live before
-	// collecting. Measured: +69 to +93 MiB; the relay before these bounds
-	// grew by 1,213 MiB in this test.
-	const bound = 2 * 4 * 3 * 8 << 20
+	// and 8 MiB of frames, and 1 MiB fetches: about 70 MiB live. What RSS
+	// that becomes depends on when the garbage collector runs, which depends
+	// on how loaded the machine is: +69 to +93 MiB measured alone, +204 MiB
+	// with two suites running at once. The bound leaves room for that and
+	// still fails the relay before these bounds (+1,213 MiB in this test).
+	const bound = 512 << 20
 	kafka := relaytest.Metric(t, r.URL, `relay_resumes_total{via="kafka"}`)
 	t.Logf("%d hostile resumes from %d users (%v read back, the rest a snapshot): VmRSS %s before, peak %s (+%s), bound +%s",
 		3*users, users, kafka, mib(rssStart), mib(peak), mib(peak-rssStart), mib(bound))
