@@ -151,3 +151,172 @@ func waitReady(t *testing.T, c *Consumer) {
 	t.Helper()
 	waitFor(t, "the consumer to be ready", c.Ready)
 }
+
+// A matching topic created at run time is read from its first record, none
+// of it backfill; a topic the regex does not match is not read.
+func TestKFakeNewTopicReadFromStart(t *testing.T) {
+	const formed, created, other = "identity.formed", "identity.created", "other.created"
+	c, brokers := newKFake(t, 1, formed)
+	p := newProducer(t, brokers)
+	p.produce(formed, 0, seqValues(formed, 0, 0, 2)...)
+	sink := &recSink{}
+	cons, _ := runConsumer(t, Config{Brokers: brokers, Backfill: 10}, sink)
+	sink.waitCount(t, 2)
+	waitReady(t, cons)
+
+	for _, topic := range []string{created, other} {
+		if err := c.CreateTopic(topic, 2, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	values := map[tp][][]byte{{created, 0}: seqValues(created, 0, 0, 3), {created, 1}: seqValues(created, 1, 0, 2)}
+	p.produce(created, 0, values[tp{created, 0}]...)
+	p.produce(created, 1, values[tp{created, 1}]...)
+	p.produce(other, 0, seqValues(other, 0, 0, 2)...)
+	evs := sink.waitCount(t, 2+5)
+	parts := byPartition(evs)
+	id := topicID(t, c, created)
+	checkPartition(t, tp{created, 0}, id, parts[tp{created, 0}], span(0, 3, false), values[tp{created, 0}])
+	checkPartition(t, tp{created, 1}, id, parts[tp{created, 1}], span(0, 2, false), values[tp{created, 1}])
+	if len(parts) != 3 {
+		t.Errorf("events of %d partitions, want 3: %s", len(parts), describe(evs))
+	}
+}
+
+// Pacing: while the sink reports viewers behind, the consumer waits for them
+// at most maxPace in all until they have caught up once, counts the wait in
+// relay_consumer_paced_seconds_total, and every record still arrives.
+func TestKFakePacing(t *testing.T) {
+	const records = 40
+	for _, tc := range []struct {
+		name string
+		// behind answers Behind from the number of events published so far.
+		behind func(published int) bool
+		// The guaranteed bounds of the paced seconds. pace stops waiting
+		// once maxPace is used up, so each spell of Behind costs at least
+		// maxPace and at most maxPace plus one sleep (which a loaded machine
+		// may stretch: the upper bound leaves it a second per spell); a
+		// budget renewed per record would cost records × maxPace.
+		minPaced, maxPaced float64
+	}{
+		{"never behind", func(int) bool { return false }, 0, 0},
+		{"always behind: one budget for all", func(int) bool { return true }, maxPace.Seconds(), maxPace.Seconds() + 1},
+		// Behind after each odd-numbered record, caught up after each even one:
+		// the budget is renewed once the viewers caught up, so each of the
+		// records/2 spells waits it out.
+		{"behind in spells: budget renewed after a catch-up", func(n int) bool { return n%2 == 1 },
+			records / 2 * maxPace.Seconds(), records / 2 * (maxPace.Seconds() + 1)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const topic = "identity.paced"
+			_, brokers := newKFake(t, 1, topic)
+			sink := &recSink{behind: tc.behind}
+			// Backfill at least the records produced: the partition, empty at
+			// start-up, is read from its log start even if the consumer
+			// resolves its start offset (end - Backfill) after the produce.
+			_, reg := runConsumer(t, Config{Brokers: brokers, Backfill: records}, sink)
+			p := newProducer(t, brokers)
+			values := seqValues(topic, 0, 0, records)
+			p.produce(topic, 0, values...)
+			evs := sink.waitCount(t, records)
+			checkPartition(t, tp{topic, 0}, evs[0].TopicID, evs, span(0, records, false), values)
+			paced := metricValue(t, reg, "relay_consumer_paced_seconds_total")
+			// A float sum of the waits: allow for rounding at the lower bound.
+			if paced < tc.minPaced-1e-6 || paced > tc.maxPaced {
+				t.Errorf("relay_consumer_paced_seconds_total = %.3f, want within [%.3f, %.3f]", paced, tc.minPaced, tc.maxPaced)
+			}
+		})
+	}
+}
+
+// Bad records are skipped and counted by reason; the good records around
+// them still arrive, in order, and every record counts as consumed.
+func TestKFakeBadRecordsSkipped(t *testing.T) {
+	const topic = "identity.bad"
+	bad := []struct {
+		value  []byte
+		reason string
+	}{
+		{[]byte(`not json`), SkipNotJSON},
+		{nil, SkipNotJSON}, // tombstone
+		{[]byte(`[1,2]`), SkipNotObject},
+		{[]byte("{\"a\":\"\xff\xfe\"}"), SkipInvalidUTF8},
+		{[]byte(`{"pad":"` + strings.Repeat("x", 200) + `"}`), SkipTooLarge},
+		{[]byte(`{"payload":[1]}`), SkipBadPayload},
+		{[]byte(`{"payload":{},"type":5}`), SkipBadType},
+		{[]byte(`{"payload":{},"ts":1e400}`), SkipBadTS},
+	}
+	_, brokers := newKFake(t, 1, topic)
+	sink := &recSink{}
+	// Backfill above the records produced: see TestKFakePacing.
+	_, reg := runConsumer(t, Config{Brokers: brokers, Backfill: 100, MaxRecordBytes: 100}, sink)
+	p := newProducer(t, brokers)
+	// good, bad, good, bad, …, good: the good ones at even offsets.
+	var values [][]byte
+	var want []wantEvent
+	wantSkipped := map[string]float64{}
+	for i, b := range bad {
+		want = append(want, wantEvent{int64(len(values)), false})
+		values = append(values, fmt.Appendf(nil, `{"good":%d}`, i), b.value)
+		wantSkipped[b.reason]++
+	}
+	want = append(want, wantEvent{int64(len(values)), false})
+	values = append(values, []byte(`{"good":"last"}`))
+	p.produce(topic, 0, values...)
+
+	evs := sink.waitEvents(t, "the last good record", func(evs []fanout.Event) bool {
+		return len(evs) > 0 && evs[len(evs)-1].Offset == int64(len(values)-1)
+	})
+	checkPartition(t, tp{topic, 0}, evs[0].TopicID, evs, want, values)
+	for reason, n := range wantSkipped {
+		if got := metricValue(t, reg, "relay_records_skipped_total", "reason", reason); got != n {
+			t.Errorf("relay_records_skipped_total{reason=%q} = %v, want %v", reason, got, n)
+		}
+	}
+	if got := metricValue(t, reg, "relay_records_skipped_total"); got != float64(len(bad)) {
+		t.Errorf("relay_records_skipped_total = %v in all, want %d", got, len(bad))
+	}
+	if got := metricValue(t, reg, "relay_records_consumed_total", "topic", topic); got != float64(len(values)) {
+		t.Errorf("relay_records_consumed_total = %v, want %d", got, len(values))
+	}
+}
+
+// A matching topic deleted and re-created under the same name (a new topic
+// ID) is followed: its records are read from its start, none of them
+// backfill, under the new ID.
+func TestKFakeTopicRecreatedFollowed(t *testing.T) {
+	const topic = "identity.recreated"
+	c, brokers := newKFake(t, 1, topic)
+	p := newProducer(t, brokers)
+	old := seqValues(topic, 0, 0, 3)
+	p.produce(topic, 0, old...)
+	oldID := topicID(t, c, topic)
+	sink := &recSink{}
+	cons, reg := runConsumer(t, Config{Brokers: brokers, Backfill: 10}, sink)
+	sink.waitCount(t, 3)
+	waitReady(t, cons)
+
+	if err := c.DeleteTopic(topic); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CreateTopic(topic, 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	newID := topicID(t, c, topic)
+	if newID == oldID {
+		t.Fatal("kfake re-created the topic under its old ID")
+	}
+	values := seqValues(topic, 0, 100, 2)
+	// A new producer: franz-go's clients keep a topic's old ID (the old one
+	// fails with UNKNOWN_TOPIC_ID), which is what the consumer must work around.
+	newProducer(t, brokers).produce(topic, 0, values...)
+	evs := sink.waitCount(t, 3+2)
+	checkPartition(t, tp{topic, 0}, oldID, evs[:3], span(0, 3, true), old)
+	checkPartition(t, tp{topic, 0}, newID, evs[3:], span(0, 2, false), values)
+	if !cons.Ready() {
+		t.Error("not ready after following a re-created topic")
+	}
+	if got := metricValue(t, reg, "relay_records_skipped_total"); got != 0 {
+		t.Errorf("%v records skipped", got)
+	}
+}
