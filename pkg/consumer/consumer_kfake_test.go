@@ -153,33 +153,45 @@ func waitReady(t *testing.T, c *Consumer) {
 }
 
 // A matching topic created at run time is read from its first record, none
-// of it backfill; a topic the regex does not match is not read.
+// of it backfill, however many records it holds when the consumer finds it
+// (more than Backfill, too); a topic the regex does not match is not read.
 func TestKFakeNewTopicReadFromStart(t *testing.T) {
-	const formed, created, other = "identity.formed", "identity.created", "other.created"
-	c, brokers := newKFake(t, 1, formed)
-	p := newProducer(t, brokers)
-	p.produce(formed, 0, seqValues(formed, 0, 0, 2)...)
-	sink := &recSink{}
-	cons, _ := runConsumer(t, Config{Brokers: brokers, Backfill: 10}, sink)
-	sink.waitCount(t, 2)
-	waitReady(t, cons)
+	for _, backfill := range []int{10, 1} {
+		t.Run(fmt.Sprintf("backfill %d", backfill), func(t *testing.T) {
+			const formed, created, other = "identity.formed", "identity.created", "other.created"
+			c, brokers := newKFake(t, 1, formed)
+			p := newProducer(t, brokers)
+			p.produce(formed, 0, seqValues(formed, 0, 0, 2)...)
+			sink := &recSink{}
+			cons, _ := runConsumer(t, Config{Brokers: brokers, Backfill: backfill}, sink)
+			startup := min(backfill, 2)
+			sink.waitCount(t, startup)
+			waitReady(t, cons)
 
-	for _, topic := range []string{created, other} {
-		if err := c.CreateTopic(topic, 2, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
-	values := map[tp][][]byte{{created, 0}: seqValues(created, 0, 0, 3), {created, 1}: seqValues(created, 1, 0, 2)}
-	p.produce(created, 0, values[tp{created, 0}]...)
-	p.produce(created, 1, values[tp{created, 1}]...)
-	p.produce(other, 0, seqValues(other, 0, 0, 2)...)
-	evs := sink.waitCount(t, 2+5)
-	parts := byPartition(evs)
-	id := topicID(t, c, created)
-	checkPartition(t, tp{created, 0}, id, parts[tp{created, 0}], span(0, 3, false), values[tp{created, 0}])
-	checkPartition(t, tp{created, 1}, id, parts[tp{created, 1}], span(0, 2, false), values[tp{created, 1}])
-	if len(parts) != 3 {
-		t.Errorf("events of %d partitions, want 3: %s", len(parts), describe(evs))
+			for _, topic := range []string{created, other} {
+				if err := c.CreateTopic(topic, 2, nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Produced at once: the consumer finds the topic at its next
+			// metadata refresh (up to metadataMaxAge later), with all of them there.
+			values := map[tp][][]byte{{created, 0}: seqValues(created, 0, 0, 3), {created, 1}: seqValues(created, 1, 0, 2)}
+			p.produce(created, 0, values[tp{created, 0}]...)
+			p.produce(created, 1, values[tp{created, 1}]...)
+			p.produce(other, 0, seqValues(other, 0, 0, 2)...)
+			evs := sink.waitEvents(t, "the new topic's last records", func(evs []fanout.Event) bool {
+				parts := byPartition(evs)
+				last := func(k tp, o int64) bool { n := len(parts[k]); return n > 0 && parts[k][n-1].Offset >= o }
+				return last(tp{created, 0}, 2) && last(tp{created, 1}, 1)
+			})
+			parts := byPartition(evs)
+			id := topicID(t, c, created)
+			checkPartition(t, tp{created, 0}, id, parts[tp{created, 0}], span(0, 3, false), values[tp{created, 0}])
+			checkPartition(t, tp{created, 1}, id, parts[tp{created, 1}], span(0, 2, false), values[tp{created, 1}])
+			if len(parts) != 3 || len(evs) != startup+5 {
+				t.Errorf("events %s, want %d of %s and 5 of %s", describe(evs), startup, formed, created)
+			}
+		})
 	}
 }
 
@@ -282,8 +294,8 @@ func TestKFakeBadRecordsSkipped(t *testing.T) {
 }
 
 // A matching topic deleted and re-created under the same name (a new topic
-// ID) is followed: its records are read from its start, none of them
-// backfill, under the new ID.
+// ID) is followed: its records are read from its start (more than Backfill
+// of them, too), none of them backfill, under the new ID.
 func TestKFakeTopicRecreatedFollowed(t *testing.T) {
 	const topic = "identity.recreated"
 	c, brokers := newKFake(t, 1, topic)
@@ -292,8 +304,8 @@ func TestKFakeTopicRecreatedFollowed(t *testing.T) {
 	p.produce(topic, 0, old...)
 	oldID := topicID(t, c, topic)
 	sink := &recSink{}
-	cons, reg := runConsumer(t, Config{Brokers: brokers, Backfill: 10}, sink)
-	sink.waitCount(t, 3)
+	cons, reg := runConsumer(t, Config{Brokers: brokers, Backfill: 1}, sink)
+	sink.waitCount(t, 1)
 	waitReady(t, cons)
 
 	if err := c.DeleteTopic(topic); err != nil {
@@ -310,9 +322,10 @@ func TestKFakeTopicRecreatedFollowed(t *testing.T) {
 	// A new producer: franz-go's clients keep a topic's old ID (the old one
 	// fails with UNKNOWN_TOPIC_ID), which is what the consumer must work around.
 	newProducer(t, brokers).produce(topic, 0, values...)
-	evs := sink.waitCount(t, 3+2)
-	checkPartition(t, tp{topic, 0}, oldID, evs[:3], span(0, 3, true), old)
-	checkPartition(t, tp{topic, 0}, newID, evs[3:], span(0, 2, false), values)
+	evs := sink.waitCount(t, 1+2)
+	checkPartition(t, tp{topic, 0}, oldID, evs[:1], span(2, 3, true), old)
+	// Both, though Backfill is 1: the new topic is read from its start.
+	checkPartition(t, tp{topic, 0}, newID, evs[1:], span(0, 2, false), values)
 	if !cons.Ready() {
 		t.Error("not ready after following a re-created topic")
 	}
