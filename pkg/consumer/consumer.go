@@ -61,6 +61,11 @@ type Consumer struct {
 	startEnds map[topicPartition]int64
 	// fillUntil holds the partitions whose backfill is not read yet. Run's goroutine only.
 	fillUntil map[topicPartition]int64
+	// endsKnown: the start offset is end − Backfill, which a partition
+	// found later (a new or re-created topic) must not use; begun holds
+	// those whose first fetch was checked (rewind). Run's goroutine only.
+	endsKnown bool
+	begun     map[topicPartition]bool
 
 	consumed *prometheus.CounterVec
 	skipped  *prometheus.CounterVec
@@ -194,6 +199,7 @@ func (c *Consumer) connect(ctx context.Context) error {
 		start = kgo.NewOffset().AfterMilli(c.start.UnixMilli())
 	}
 	c.startEnds, c.fillUntil = map[topicPartition]int64{}, map[topicPartition]int64{}
+	c.endsKnown, c.begun = err == nil, map[topicPartition]bool{}
 	for tp, o := range ends {
 		if o.end == o.start { // nothing left to read: viewers behind o.end lost records
 			c.sink.Empty(tp.topic, o.id, tp.partition, o.end)
@@ -288,8 +294,12 @@ func (c *Consumer) Run(ctx context.Context) error {
 		}
 		fetches.EachError(c.logFetchError)
 		c.followRecreated(ctx, fetches)
+		rewound := map[topicPartition]bool{}
 		fetches.EachTopic(func(t kgo.FetchTopic) {
 			for _, p := range t.Partitions {
+				if c.rewind(t.Topic, p, rewound) {
+					continue
+				}
 				for _, r := range p.Records {
 					c.handle(r, t.TopicID)
 					c.pace(ctx)
@@ -333,6 +343,29 @@ func (c *Consumer) handle(r *kgo.Record, topicID [16]byte) {
 	c.skipped.WithLabelValues(se.Reason).Inc()
 	c.log.Warn("record skipped", "topic", r.Topic, "partition", r.Partition,
 		"offset", r.Offset, "reason", se.Reason, "detail", se.Detail)
+}
+
+// rewind moves a partition found after start-up (a topic created or
+// re-created since) back to its log start when its first fetch begins past
+// it, and reports whether to drop what this poll fetched of it: the start
+// offset, end − Backfill, is for the partitions there at start-up, and the
+// others are read from their first record. Run's goroutine only.
+func (c *Consumer) rewind(topic string, p kgo.FetchPartition, rewound map[topicPartition]bool) bool {
+	tp := topicPartition{topic, p.Partition}
+	if rewound[tp] {
+		return true
+	}
+	if _, existed := c.startEnds[tp]; existed || !c.endsKnown || c.begun[tp] || len(p.Records) == 0 {
+		return false
+	}
+	c.begun[tp] = true
+	if p.LogStartOffset < 0 || p.Records[0].Offset <= p.LogStartOffset {
+		return false
+	}
+	// SetOffsets also drops what the client fetched and buffered since.
+	c.cl.SetOffsets(map[string]map[int32]kgo.EpochOffset{topic: {p.Partition: {Epoch: -1, Offset: p.LogStartOffset}}})
+	rewound[tp] = true
+	return true
 }
 
 // pace waits while many viewers are behind: up to maxPace in all, until
@@ -395,6 +428,11 @@ func (c *Consumer) followRecreated(ctx context.Context, fetches kgo.Fetches) {
 				if tp.topic == t {
 					delete(c.startEnds, tp)
 					delete(c.fillUntil, tp)
+				}
+			}
+			for tp := range c.begun {
+				if tp.topic == t {
+					delete(c.begun, tp)
 				}
 			}
 		}
