@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/ssetest"
 	"github.com/decnet/identity-relay/pkg/fanout"
 	"github.com/decnet/identity-relay/pkg/sse"
@@ -22,23 +22,17 @@ import (
 // credential this often (the relay runs with 10 s).
 const testRecheck = 200 * time.Millisecond
 
-// metric returns a sample of h's /metrics (see relaytest.Metric).
-func (h *harness) metric(t *testing.T, sample string) float64 {
-	t.Helper()
-	return relaytest.Metric(t, strings.TrimSuffix(h.url, EventsPath), sample)
-}
-
-// waitMetric waits until a sample of /metrics reaches want, then returns it.
-func (h *harness) waitMetric(t *testing.T, sample string, want float64) float64 {
+// waitCounter waits until c reaches want, then returns its value.
+func waitCounter(t *testing.T, what string, c prometheus.Counter, want float64) float64 {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		got := h.metric(t, sample)
+		got := counterValue(t, c)
 		if got >= want {
 			return got
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s = %v, want %v", sample, got, want)
+			t.Fatalf("%s = %v, want %v", what, got, want)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -108,7 +102,7 @@ func TestStreamEndsWithItsCredential(t *testing.T) {
 			if _, err := ssetest.ParseFrames(rest); err != nil {
 				t.Fatalf("the stream did not end between frames: %v (%q)", err, rest)
 			}
-			if got := h.waitMetric(t, `relay_viewer_disconnects_total{reason="credential"}`, 1); got != 1 {
+			if got := waitCounter(t, "credential disconnects", h.srv.m.disconnects.WithLabelValues(string(reasonCredential)), 1); got != 1 {
 				t.Errorf("%v disconnects for the credential, want 1", got)
 			}
 			checkRefused(t, h.get(t, "", tok), tt.code, tt.body)
@@ -130,7 +124,7 @@ func TestShutdownEndsIdleStreamCleanly(t *testing.T) {
 	if rest, err := readToEnd(t, resp.Body); err != nil {
 		t.Fatalf("stream cut instead of ended: %v (read %q)", err, rest)
 	}
-	if got := h.waitMetric(t, `relay_viewer_disconnects_total{reason="shutdown"}`, 1); got != 1 {
+	if got := waitCounter(t, "shutdown disconnects", h.srv.m.disconnects.WithLabelValues(string(fanout.ReasonShutdown)), 1); got != 1 {
 		t.Errorf("%v disconnects for shutdown, want 1", got)
 	}
 }
@@ -160,21 +154,21 @@ func TestStreamOutlivesDatabaseOutage(t *testing.T) {
 			br := bufio.NewReader(resp.Body)
 
 			store.update(tt.outage)
-			h.waitMetric(t, "relay_credential_rechecks_failed_total", 2)
+			waitCounter(t, "relay_credential_rechecks_failed_total", h.srv.m.rechecksFailed, 2)
 			publishSeq(t, h.broker, 1)
 			expectSeq(t, br, 1)
 
 			store.update(func(s *fakeStore) { s.errs, s.blocks = nil, nil })
 			publishSeq(t, h.broker, 2)
 			expectSeq(t, br, 2)
-			if got := h.metric(t, `relay_viewer_disconnects_total{reason="credential"}`); got != 0 {
+			if got := h.disconnects(t, reasonCredential); got != 0 {
 				t.Fatalf("%v streams ended for the credential during the outage, want 0", got)
 			}
 			store.update(func(s *fakeStore) { s.revoked["jti-u-viewer"] = true })
 			if _, err := readToEnd(t, br); err != nil {
 				t.Fatalf("stream cut instead of ended after the revocation: %v", err)
 			}
-			h.waitMetric(t, `relay_viewer_disconnects_total{reason="credential"}`, 1)
+			waitCounter(t, "credential disconnects", h.srv.m.disconnects.WithLabelValues(string(reasonCredential)), 1)
 		})
 	}
 }

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // wantEvent is one event a test expects on a partition.
@@ -19,7 +19,7 @@ type wantEvent struct {
 // checkPartition fails unless got (one partition's events, in the order
 // published) is exactly want, each with the topic's ID and the value produced
 // at its offset (values: the partition's records by offset, nil when deleted).
-func checkPartition(t *testing.T, k tp, id [16]byte, got []fanout.Event, want []wantEvent, values [][]byte) {
+func checkPartition(t *testing.T, k tp, id [16]byte, got []sse.Event, want []wantEvent, values [][]byte) {
 	t.Helper()
 	if len(got) != len(want) {
 		t.Errorf("%s/%d: got %s, want %d events %v", k.topic, k.partition, describe(got), len(want), want)
@@ -179,7 +179,7 @@ func TestKFakeNewTopicReadFromStart(t *testing.T) {
 			p.produce(created, 0, values[tp{created, 0}]...)
 			p.produce(created, 1, values[tp{created, 1}]...)
 			p.produce(other, 0, seqValues(other, 0, 0, 2)...)
-			evs := sink.waitEvents(t, "the new topic's last records", func(evs []fanout.Event) bool {
+			evs := sink.waitEvents(t, "the new topic's last records", func(evs []sse.Event) bool {
 				parts := byPartition(evs)
 				last := func(k tp, o int64) bool { n := len(parts[k]); return n > 0 && parts[k][n-1].Offset >= o }
 				return last(tp{created, 0}, 2) && last(tp{created, 1}, 1)
@@ -276,7 +276,7 @@ func TestKFakeBadRecordsSkipped(t *testing.T) {
 	values = append(values, []byte(`{"good":"last"}`))
 	p.produce(topic, 0, values...)
 
-	evs := sink.waitEvents(t, "the last good record", func(evs []fanout.Event) bool {
+	evs := sink.waitEvents(t, "the last good record", func(evs []sse.Event) bool {
 		return len(evs) > 0 && evs[len(evs)-1].Offset == int64(len(values)-1)
 	})
 	checkPartition(t, tp{topic, 0}, evs[0].TopicID, evs, want, values)

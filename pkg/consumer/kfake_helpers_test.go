@@ -13,7 +13,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
 
-	"github.com/decnet/identity-relay/pkg/fanout"
+	"github.com/decnet/identity-relay/pkg/sse"
 )
 
 // Helpers of the kfake tests: an in-process broker, a producer, a recording
@@ -98,13 +98,13 @@ type emptyCall struct {
 // behind, when set, answers Behind from the number of events published so far.
 type recSink struct {
 	mu          sync.Mutex
-	events      []fanout.Event
+	events      []sse.Event
 	empties     []emptyCall
 	behind      func(published int) bool
 	behindCalls int
 }
 
-func (s *recSink) Publish(ev fanout.Event) error {
+func (s *recSink) Publish(ev sse.Event) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.events = append(s.events, ev)
@@ -124,15 +124,15 @@ func (s *recSink) Empty(topic string, topicID [16]byte, partition int32, next in
 	s.empties = append(s.empties, emptyCall{topic, topicID, partition, next})
 }
 
-func (s *recSink) got() ([]fanout.Event, []emptyCall) {
+func (s *recSink) got() ([]sse.Event, []emptyCall) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]fanout.Event(nil), s.events...), append([]emptyCall(nil), s.empties...)
+	return append([]sse.Event(nil), s.events...), append([]emptyCall(nil), s.empties...)
 }
 
 // waitEvents waits until cond holds of the events published so far and
 // returns them; it fails the test after hangBound.
-func (s *recSink) waitEvents(t *testing.T, what string, cond func([]fanout.Event) bool) []fanout.Event {
+func (s *recSink) waitEvents(t *testing.T, what string, cond func([]sse.Event) bool) []sse.Event {
 	t.Helper()
 	deadline := time.Now().Add(hangBound)
 	for {
@@ -148,13 +148,13 @@ func (s *recSink) waitEvents(t *testing.T, what string, cond func([]fanout.Event
 }
 
 // waitCount waits for at least n events.
-func (s *recSink) waitCount(t *testing.T, n int) []fanout.Event {
+func (s *recSink) waitCount(t *testing.T, n int) []sse.Event {
 	t.Helper()
-	return s.waitEvents(t, fmt.Sprintf("%d events", n), func(evs []fanout.Event) bool { return len(evs) >= n })
+	return s.waitEvents(t, fmt.Sprintf("%d events", n), func(evs []sse.Event) bool { return len(evs) >= n })
 }
 
 // describe lists events as topic/partition@offset, b for backfill.
-func describe(evs []fanout.Event) string {
+func describe(evs []sse.Event) string {
 	s := ""
 	for _, ev := range evs {
 		b := ""
@@ -173,8 +173,8 @@ type tp struct {
 }
 
 // byPartition splits events per partition, each in the order published.
-func byPartition(evs []fanout.Event) map[tp][]fanout.Event {
-	out := map[tp][]fanout.Event{}
+func byPartition(evs []sse.Event) map[tp][]sse.Event {
+	out := map[tp][]sse.Event{}
 	for _, ev := range evs {
 		k := tp{ev.Topic, ev.Partition}
 		out[k] = append(out[k], ev)
