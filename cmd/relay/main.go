@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -67,23 +68,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	var st api.Store
-	brokers, secret := cfg.KafkaBrokers, cfg.JWTSecret
-	var dm *demo.Demo
-	if cfg.Demo {
-		if dm, err = demo.Start(log); err != nil {
-			return err
-		}
-		defer dm.Close()
-		st, brokers, secret = dm.Store(), dm.Brokers(), dm.Secret
-	} else {
-		pg, err := store.Open(cfg.DatabaseURL)
-		if err != nil {
-			return err
-		}
-		defer pg.Close()
-		st = pg
+	b, err := openBackends(cfg, log)
+	if err != nil {
+		return err
 	}
+	defer b.close()
+	st, brokers, secret, dm := b.store, b.brokers, b.secret, b.demo
 
 	hub := fanout.New(fanout.Options{
 		Buffer: cfg.SubscriberBuffer, WindowEvents: cfg.ReplayWindow, WindowBytes: cfg.ReplayWindowBytes,
@@ -150,23 +140,53 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return fmt.Errorf("kafka consumer stopped: %w", err)
 	}
 
-	// Shutdown: no new viewers, end every stream between frames, close the consumer.
-	log.Info("shutting down", "timeout", cfg.ShutdownTimeout.String())
-	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	srv.Drain()
-	_ = hub.Close()
-	if err := srv.Wait(shutCtx); err != nil {
-		log.Warn("streams still open at the shutdown timeout; closed them", "err", err)
-	}
-	if err := httpSrv.Shutdown(shutCtx); err != nil {
-		log.Warn("requests still in progress at the shutdown timeout; closing them", "err", err)
-		_ = httpSrv.Close()
-	}
+	shutdown(log, cfg.ShutdownTimeout, srv, hub, httpSrv)
 	stopConsumer()
 	<-consDone
 	log.Info("stopped")
 	return nil
+}
+
+// shutdown turns the relay unready, refuses new viewers, ends every stream
+// between frames and the remaining requests, within timeout.
+func shutdown(log *slog.Logger, timeout time.Duration, srv *api.Server, hub *fanout.Broadcaster, httpSrv *http.Server) {
+	log.Info("shutting down", "timeout", timeout.String())
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	srv.Drain()
+	_ = hub.Close()
+	if err := srv.Wait(ctx); err != nil {
+		log.Warn("streams still open at the shutdown timeout; closed them", "err", err)
+	}
+	if err := httpSrv.Shutdown(ctx); err != nil {
+		log.Warn("requests still in progress at the shutdown timeout; closing them", "err", err)
+		_ = httpSrv.Close()
+	}
+}
+
+// backends are where the relay reads users and identities, and Kafka: the
+// configured ones, or the demo's own.
+type backends struct {
+	store   api.Store
+	brokers []string
+	secret  string
+	demo    *demo.Demo // nil outside demo mode
+	close   func()
+}
+
+func openBackends(cfg *config.Config, log *slog.Logger) (*backends, error) {
+	if cfg.Demo {
+		dm, err := demo.Start(log)
+		if err != nil {
+			return nil, err
+		}
+		return &backends{store: dm.Store(), brokers: dm.Brokers(), secret: dm.Secret, demo: dm, close: dm.Close}, nil
+	}
+	pg, err := store.Open(cfg.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	return &backends{store: pg, brokers: cfg.KafkaBrokers, secret: cfg.JWTSecret, close: func() { _ = pg.Close() }}, nil
 }
 
 func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
