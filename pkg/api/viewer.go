@@ -275,34 +275,7 @@ func (v *viewer) responseHead() []byte {
 func (v *viewer) run(o opening) {
 	s := v.s
 	v.cut.Store(&v.conn)
-	start := time.Now()
-	defer func() {
-		if r := recover(); r != nil {
-			s.log.Error("stream failed", "panic", r)
-			if v.writeFrames(frameError) == nil {
-				_ = v.endResponse()
-			}
-			v.sub.End(reasonInternal)
-		}
-		v.sub.End(reasonWriteError) // the first reason stays: this one when no other came first
-		reason := v.sub.Reason()
-		v.credTimer.Stop()
-		if reason == fanout.ReasonSlow {
-			// Reset instead of a graceful close: the kernel would otherwise keep
-			// the unsent frames (up to tcp_wmem's maximum, 4 MiB by default) for
-			// a viewer that is not reading, and send them whenever it does. It
-			// resumes from its last whole frame either way.
-			if l, ok := v.conn.(interface{ SetLinger(int) error }); ok {
-				_ = l.SetLinger(0)
-			}
-		}
-		_ = v.conn.Close()
-		s.limits.release(v.user)
-		s.m.connected.Dec()
-		s.m.disconnects.WithLabelValues(string(reason)).Inc()
-		s.streams.done(v.conn)
-		s.log.Info("stream ended", "reason", string(reason), "duration", time.Since(start).Round(time.Millisecond).String())
-	}()
+	defer v.finish(time.Now())
 
 	go v.watchClose()
 	v.watchCredential()
@@ -352,6 +325,37 @@ func (v *viewer) run(o opening) {
 			keepalive.Reset(s.cfg.Keepalive)
 		}
 	}
+}
+
+// finish ends the stream run began at start: an error frame after a panic,
+// the close, and the slot, metrics and log line of the reason it ended for.
+func (v *viewer) finish(start time.Time) {
+	s := v.s
+	if r := recover(); r != nil {
+		s.log.Error("stream failed", "panic", r)
+		if v.writeFrames(frameError) == nil {
+			_ = v.endResponse()
+		}
+		v.sub.End(reasonInternal)
+	}
+	v.sub.End(reasonWriteError) // the first reason stays: this one when no other came first
+	reason := v.sub.Reason()
+	v.credTimer.Stop()
+	if reason == fanout.ReasonSlow {
+		// Reset instead of a graceful close: the kernel would otherwise keep
+		// the unsent frames (up to tcp_wmem's maximum, 4 MiB by default) for
+		// a viewer that is not reading, and send them whenever it does. It
+		// resumes from its last whole frame either way.
+		if l, ok := v.conn.(interface{ SetLinger(int) error }); ok {
+			_ = l.SetLinger(0)
+		}
+	}
+	_ = v.conn.Close()
+	s.limits.release(v.user)
+	s.m.connected.Dec()
+	s.m.disconnects.WithLabelValues(string(reason)).Inc()
+	s.streams.done(v.conn)
+	s.log.Info("stream ended", "reason", string(reason), "duration", time.Since(start).Round(time.Millisecond).String())
 }
 
 // endResponse ends a chunked response cleanly with its last chunk, so the

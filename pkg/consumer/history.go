@@ -101,25 +101,9 @@ func (h *History) client(cl *kgo.Client) (*kgo.Client, error) {
 // that fail to decode left out (their offsets still count as read). It waits
 // for a free slot and for Kafka until ctx ends.
 func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]sse.Event, error) {
-	want := map[string]map[int32]kgo.Offset{}
-	next := map[fanout.Range]int64{} // per range left, the next offset wanted
-	total := int64(0)
-	for _, r := range ranges {
-		if r.Topic == "" || r.From < 0 || r.From >= r.To {
-			return nil, fmt.Errorf("history: bad range %+v", r)
-		}
-		if want[r.Topic] == nil {
-			want[r.Topic] = map[int32]kgo.Offset{}
-		}
-		if _, dup := want[r.Topic][r.Partition]; dup {
-			return nil, fmt.Errorf("history: partition %s/%d twice", r.Topic, r.Partition)
-		}
-		want[r.Topic][r.Partition] = kgo.NewOffset().At(r.From)
-		next[r] = r.From
-		total += r.To - r.From
-	}
-	if total > int64(h.maxRecords) {
-		return nil, fmt.Errorf("%w: %d records missing, more than the %d read back at most", ErrHistoryGone, total, h.maxRecords)
+	want, next, err := h.plan(ranges)
+	if err != nil {
+		return nil, err
 	}
 	var cl *kgo.Client
 	select {
@@ -127,7 +111,7 @@ func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]sse.Event,
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	cl, err := h.client(cl)
+	cl, err = h.client(cl)
 	defer func() { h.clients <- cl }()
 	if err != nil {
 		return nil, err
@@ -143,7 +127,37 @@ func (h *History) Read(ctx context.Context, ranges []fanout.Range) ([]sse.Event,
 		// Removing also drops what was fetched for them and not polled.
 		cl.RemoveConsumePartitions(rm)
 	}()
+	return h.poll(ctx, cl, next)
+}
 
+// plan checks the ranges and returns the offsets to consume from and, per
+// range, the next offset wanted.
+func (h *History) plan(ranges []fanout.Range) (map[string]map[int32]kgo.Offset, map[fanout.Range]int64, error) {
+	want := map[string]map[int32]kgo.Offset{}
+	next := map[fanout.Range]int64{}
+	total := int64(0)
+	for _, r := range ranges {
+		if r.Topic == "" || r.From < 0 || r.From >= r.To {
+			return nil, nil, fmt.Errorf("history: bad range %+v", r)
+		}
+		if want[r.Topic] == nil {
+			want[r.Topic] = map[int32]kgo.Offset{}
+		}
+		if _, dup := want[r.Topic][r.Partition]; dup {
+			return nil, nil, fmt.Errorf("history: partition %s/%d twice", r.Topic, r.Partition)
+		}
+		want[r.Topic][r.Partition] = kgo.NewOffset().At(r.From)
+		next[r] = r.From
+		total += r.To - r.From
+	}
+	if total > int64(h.maxRecords) {
+		return nil, nil, fmt.Errorf("%w: %d records missing, more than the %d read back at most", ErrHistoryGone, total, h.maxRecords)
+	}
+	return want, next, nil
+}
+
+// poll fetches with cl until every range in next is read.
+func (h *History) poll(ctx context.Context, cl *kgo.Client, next map[fanout.Range]int64) ([]sse.Event, error) {
 	var out []sse.Event
 	size := 0
 	for len(next) > 0 {
