@@ -123,10 +123,7 @@ func checkSkipReason(t *testing.T, err error, value []byte, maxBytes int) {
 // record (topic, recTS, value), with the fields CONTRACT.md "Input" gives it.
 func checkDecodedFrame(t *testing.T, b []byte, topic string, recTS time.Time, value []byte) {
 	t.Helper()
-	if bytes.IndexByte(b, '\r') >= 0 {
-		t.Fatalf("frame holds a CR: %q", b)
-	}
-	f, err := ssetest.ParseEvent(b)
+	f, err := ssetest.ParseEvent(b) // refuses a CR anywhere
 	if err != nil {
 		t.Fatalf("strict parse of %q: %v", b, err)
 	}

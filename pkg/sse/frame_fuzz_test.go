@@ -71,10 +71,7 @@ func FuzzEncode(f *testing.F) {
 // strict parser.
 func checkFrame(t *testing.T, b []byte, ev sse.Event, id string) {
 	t.Helper()
-	if bytes.IndexByte(b, '\r') >= 0 {
-		t.Fatalf("frame holds a CR: %q", b)
-	}
-	f, err := ssetest.ParseEvent(b)
+	f, err := ssetest.ParseEvent(b) // refuses a CR anywhere
 	if err != nil {
 		t.Fatalf("strict parse of %q: %v", b, err)
 	}
