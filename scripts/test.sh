@@ -2,11 +2,13 @@
 # The whole test suite (make test, and CI through .ci/run):
 #   1. start a fresh PostgreSQL (scripts/pg.sh) and Kafka (scripts/kafka.sh),
 #      stopped again on exit whatever happens
-#   2. go vet ./...
+#   2. go vet ./... in every module of the repository (the relay's at the
+#      root, tools/relay-load, deploy/helm: each directory with a go.mod)
 #   3. helm ready for deploy/helm's test (scripts/helm-check.sh install), if
 #      that script exists
-#   4. go test -race ./... with the services required (no skipping), test
-#      binaries compiled in parallel first, then run one package at a time
+#   4. go test -race ./... of every module with the services required (no
+#      skipping), test binaries compiled in parallel first, then run one
+#      package at a time
 #   5. a short run of every fuzz target, one at a time
 #   6. scripts/helm-check.sh, if present
 # Every step runs even after an earlier one failed; the exit status is
@@ -30,6 +32,18 @@ GO_P="${RELAY_TEST_GO_P:-1}"
 GO_TIMEOUT="${RELAY_TEST_TIMEOUT:-15m}"
 
 T_START=$SECONDS
+
+# Every Go module of the repository, the relay's (.) first.
+mapfile -t MODULES < <(find . -name .git -prune -o -name go.mod -printf '%h\n' | sort)
+
+# in_modules CMD...: run CMD in every module's directory; fails if any fails.
+in_modules() {
+	local m rc=0
+	for m in "${MODULES[@]}"; do
+		(cd "$m" && "$@") || rc=1
+	done
+	return "$rc"
+}
 declare -a SUMMARY=()
 FAILED=0
 
@@ -88,7 +102,7 @@ start_services() {
 # on failure only; go test would print the same errors again anyway.
 compile_tests() {
 	local out rc
-	out="$(go test -race -count=1 -run '^$' -exec /bin/true ./... 2>&1)"
+	out="$(in_modules go test -race -count=1 -run '^$' -exec /bin/true ./... 2>&1)"
 	rc=$?
 	[ "$rc" -eq 0 ] || echo "$out" | grep -vE '^(ok|\?) ' | head -100
 	return "$rc"
@@ -104,34 +118,35 @@ install_helm() {
 }
 
 go_test() {
-	go test -race -count=1 -p "$GO_P" -timeout "$GO_TIMEOUT" ./...
+	in_modules go test -race -count=1 -p "$GO_P" -timeout "$GO_TIMEOUT" ./...
 }
 
-# Fuzz targets: "importpath FuzzName" per line.
+# Fuzz targets: "dir FuzzName" per line (dir: the package's directory, which
+# go test -fuzz must be run from within the package's module).
 list_fuzz_targets() {
-	local pkg dir
+	local dir
 	# Only packages whose test files declare a Fuzz function pay for the
 	# test binary build that go test -list needs.
-	go list -f '{{.ImportPath}} {{.Dir}}' ./... 2>/dev/null | while read -r pkg dir; do
+	in_modules go list -f '{{.Dir}}' ./... 2>/dev/null | while read -r dir; do
 		grep -qsE '^func Fuzz' "$dir"/*_test.go || continue
-		go test -list '^Fuzz' "$pkg" 2>/dev/null | grep -E '^Fuzz[A-Za-z0-9_]*$' | sed "s#^#$pkg #"
+		(cd "$dir" && go test -list '^Fuzz' .) 2>/dev/null | grep -E '^Fuzz[A-Za-z0-9_]*$' | sed "s#^#$dir #"
 	done
 }
 
 fuzz_all() {
-	local targets n=0 fails=0 pkg name
+	local targets n=0 fails=0 dir name
 	targets="$(list_fuzz_targets)"
 	if [ -z "$targets" ]; then
 		echo "no fuzz targets found"
 		return 0
 	fi
 	echo "$targets" | sed 's/^/  /'
-	while read -r pkg name; do
+	while read -r dir name; do
 		[ -n "$name" ] || continue
 		n=$((n + 1))
 		local t0=$SECONDS
-		echo "--- fuzz $pkg $name ($FUZZTIME)"
-		if go test -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" "$pkg"; then
+		echo "--- fuzz ${dir#"$REPO"/} $name ($FUZZTIME)"
+		if (cd "$dir" && go test -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" .); then
 			echo "--- fuzz $name ok in $((SECONDS - t0))s"
 		else
 			echo "--- fuzz $name FAILED in $((SECONDS - t0))s (a failing input is saved under the package's testdata/fuzz/$name)"
@@ -156,12 +171,12 @@ if ! step "start PostgreSQL and Kafka" start_services; then
 	echo "scripts/test.sh: services did not start; nothing tested" >&2
 	exit 1
 fi
-step "go vet ./..." go vet ./...
+step "go vet ./... (${MODULES[*]})" in_modules go vet ./...
 if [ -f scripts/helm-check.sh ]; then
 	step "helm (scripts/helm-check.sh install)" install_helm
 fi
 step "compile tests with -race" compile_tests
-step "go test -race ./... (-p $GO_P)" go_test
+step "go test -race ./... (${MODULES[*]}; -p $GO_P)" go_test
 step "fuzz (each target $FUZZTIME)" fuzz_all
 if [ -f scripts/helm-check.sh ]; then
 	step "scripts/helm-check.sh" bash scripts/helm-check.sh
