@@ -3,23 +3,25 @@
 # module of the repository: the relay's (the root), tools/relay-load and
 # deploy/helm (each directory with a go.mod).
 #
-# Most of the time goes to the tests of the packages that use the real
-# PostgreSQL and Kafka, which wait far more than they compute, so the rest
-# runs beside them on the other core:
-#   1. at once: fetch and start a fresh PostgreSQL (scripts/pg.sh) and Kafka
-#      (scripts/kafka.sh), stopped again on exit whatever happens; and
-#      compile every module's test binaries with -race at full parallelism
-#   2. then two lanes at once:
-#      services  go test -race of the relay's packages whose tests use the
-#                services (they import internal/testenv), one package at a
-#                time, because fault tests stop and start the services
-#      others    go vet ./... of every module; go test -race of every other
-#                package (the relay's packages that need no service and the
-#                tool modules); a run of every fuzz target, one at a time;
-#                helm (built with go install the first time) and
-#                scripts/helm-check.sh, which runs deploy/helm's test with -race
-#   The "others" lane's output is printed when it ends (also in its log file,
-#   named at its start).
+# Most of the time goes to the tests of the relay's packages that use the
+# real PostgreSQL and Kafka (they import internal/testenv). They wait far
+# more than they compute, and fault tests among them stop and start the
+# services, so a package must have its services to itself. Hence three
+# lanes at once, each step timed and listed in the summary:
+#   services 1  cmd/relay's end-to-end tests (about 3/4 of the services'
+#               test time) on PostgreSQL and Kafka as scripts/pg.sh and
+#               scripts/kafka.sh are set (RELAY_TEST_STATE, ports)
+#   services 2  the relay's other packages using services, one at a time,
+#               on a second PostgreSQL and Kafka (ports below)
+#   others      go vet ./... of every module; go test -race of every other
+#               package (the relay's packages without services, the tool
+#               modules); a run of every fuzz target, one at a time; helm
+#               (built with go install the first time) and
+#               scripts/helm-check.sh, which runs deploy/helm's test with -race
+# Before them, both sets of services are fetched, wiped and started while the
+# services lanes' test binaries compile with -race; on exit they are stopped
+# whatever happens. The lanes "services 2" and "others" write to log files,
+# named when they start and printed when they end.
 # Every step runs even after an earlier one failed; the exit status is
 # non-zero when any failed.
 #
@@ -27,13 +29,17 @@
 #   RELAY_TEST_FUZZTIME       per fuzz target (20s)
 #   RELAY_TEST_FUZZ_WORKERS   go test -parallel of the fuzzing: worker
 #                             processes (1, so that one core is left to the
-#                             services lane; 20 s of one worker is the work
+#                             services lanes; 20 s of one worker is the work
 #                             of the 10 s of two that fuzzing alone had)
-#   RELAY_TEST_GO_P           go test -p of the services lane (1, because
-#                             fault tests stop and start the shared services)
+#   RELAY_TEST_GO_P           go test -p of the services lanes (1, because
+#                             fault tests stop and start the services)
 #   RELAY_TEST_TIMEOUT        go test -timeout (15m)
 #   RELAY_TEST_KEEP_STATE     1: keep the services' previous data instead of
 #                             starting from empty ones
+#   RELAY_TEST_PG_PORT_2, RELAY_TEST_KAFKA_PORT_2,
+#   RELAY_TEST_KAFKA_CONTROLLER_PORT_2
+#                             the second set's ports (those of the first + 1,
+#                             + 2, + 2); its state is in $RELAY_TEST_STATE/second
 # plus those of scripts/pg.sh and scripts/kafka.sh (RELAY_TEST_STATE, ports)
 # and of scripts/helm-check.sh.
 set -uo pipefail
@@ -53,8 +59,20 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/relay-test.XXXXXX")"
 # One line per finished step, appended by either lane.
 SUMMARY="$WORK/summary"
 : >"$SUMMARY"
-OTHERS_LOG="$WORK/others.log"
-OTHERS_PID=""
+BG_PIDS=()
+
+# The second set of services: the first one's settings, moved (the numbers
+# are scripts/pg.sh's and scripts/kafka.sh's defaults).
+STATE_1="${RELAY_TEST_STATE:-/tmp/relay-test}"
+SET_2=(
+	RELAY_TEST_STATE="$STATE_1/second"
+	RELAY_TEST_PG_PORT="${RELAY_TEST_PG_PORT_2:-$((${RELAY_TEST_PG_PORT:-55432} + 1))}"
+	RELAY_TEST_KAFKA_PORT="${RELAY_TEST_KAFKA_PORT_2:-$((${RELAY_TEST_KAFKA_PORT:-39092} + 2))}"
+	RELAY_TEST_KAFKA_CONTROLLER_PORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT_2:-$((${RELAY_TEST_KAFKA_CONTROLLER_PORT:-39093} + 2))}"
+)
+# Packages that get the first set to themselves: cmd/relay's end-to-end
+# tests take about 3/4 of the services' test time.
+OWN_SET_PACKAGES=" github.com/decnet/identity-relay/cmd/relay "
 
 # Every Go module of the repository, the relay's (.) first.
 mapfile -t MODULES < <(find . -name .git -prune -o -name go.mod -printf '%h\n' | sort)
@@ -87,14 +105,18 @@ print_summary() {
 }
 
 cleanup() {
-	local rc=$?
-	if [ -n "$OTHERS_PID" ] && kill -0 "$OTHERS_PID" 2>/dev/null; then
-		pkill -TERM -P "$OTHERS_PID" 2>/dev/null
-		kill -TERM "$OTHERS_PID" 2>/dev/null
-	fi
+	local rc=$? pid
+	# Lanes still running (interrupted): end them and what they started.
+	for pid in "${BG_PIDS[@]}"; do
+		kill -0 "$pid" 2>/dev/null || continue
+		pkill -TERM -P "$pid" 2>/dev/null
+		kill -TERM "$pid" 2>/dev/null
+	done
 	banner "stopping services"
 	bash "$REPO/scripts/kafka.sh" stop || true
 	bash "$REPO/scripts/pg.sh" stop || true
+	env "${SET_2[@]}" bash "$REPO/scripts/kafka.sh" stop || true
+	env "${SET_2[@]}" bash "$REPO/scripts/pg.sh" stop || true
 	rm -rf "$WORK"
 	exit "$rc"
 }
@@ -111,7 +133,6 @@ in_modules() {
 }
 
 start_services() {
-	bash scripts/kafka.sh fetch || return 1
 	if [ "${RELAY_TEST_KEEP_STATE:-}" != 1 ]; then
 		bash scripts/kafka.sh wipe && bash scripts/pg.sh wipe || return 1
 	fi
@@ -127,31 +148,37 @@ export_services_env() {
 	env | grep '^RELAY_TEST_' | sort
 }
 
-# Build every test binary with -race at full parallelism (-exec /bin/true:
-# nothing runs), so that the lanes only link and run. Output is shown on
-# failure only; go test would print the same errors again anyway.
+# Build the services lanes' test binaries with -race at full parallelism
+# (-exec /bin/true: nothing runs), where go test -p 1 would compile one
+# package at a time. Output is shown on failure only; go test would print the
+# same errors again anyway.
 compile_tests() {
 	local out rc
-	out="$(in_modules go test -race -count=1 -run '^$' -exec /bin/true ./... 2>&1)"
+	# shellcheck disable=SC2046
+	out="$(go test -race -count=1 -run '^$' -exec /bin/true $(packages S1 S2) 2>&1)"
 	rc=$?
 	[ "$rc" -eq 0 ] || echo "$out" | grep -vE '^(ok|\?) ' | head -100
 	return "$rc"
 }
 
-# The relay's packages with tests, "S importpath" when their tests use the
-# services (the test binary depends on internal/testenv), else "F importpath".
-classify_packages() {
+# packages LANE...: the relay's packages with tests of those lanes: S1 (on
+# the first set of services: OWN_SET_PACKAGES), S2 (the others whose test
+# binary depends on internal/testenv: on the second set), F (no services).
+packages() {
 	go list -test -f '{{if eq .Name "main"}}{{.ImportPath}} {{join .Deps " "}}{{end}}' ./... |
-		awk '$1 ~ /\.test$/ {
-			s = "F"; for (i = 2; i <= NF; i++) if ($i ~ /\/internal\/testenv$/) s = "S"
-			print s, substr($1, 1, length($1) - 5)
+		awk -v own="$OWN_SET_PACKAGES" -v want=" $* " '$1 ~ /\.test$/ {
+			pkg = substr($1, 1, length($1) - 5)
+			lane = "F"
+			for (i = 2; i <= NF; i++) if ($i ~ /\/internal\/testenv$/) lane = "S2"
+			if (lane == "S2" && index(own, " " pkg " ")) lane = "S1"
+			if (index(want, " " lane " ")) print pkg
 		}'
 }
 
-# go_test_race CLASS: go test -race the relay's packages of that class.
+# go_test_race LANE: go test -race the relay's packages of that lane.
 go_test_race() {
-	local class="$1" pkgs
-	pkgs="$(classify_packages | awk -v c="$class" '$1 == c { print $2 }')" || return 1
+	local pkgs
+	pkgs="$(packages "$1")" || return 1
 	[ -n "$pkgs" ] || { echo "no packages"; return 0; }
 	# shellcheck disable=SC2086
 	go test -race -count=1 -p "$GO_P" -timeout "$GO_TIMEOUT" $pkgs
@@ -213,6 +240,13 @@ install_helm() {
 	echo "RELAY_HELM=$RELAY_HELM"
 }
 
+# The second services lane, on the second set.
+services_2_lane() {
+	export "${SET_2[@]}"
+	export_services_env
+	step "go test -race: other packages using services (second set, -p $GO_P)" go_test_race S2
+}
+
 # The lane beside the services' tests: nothing in it uses the services.
 others_lane() {
 	step "go vet ./... (${MODULES[*]})" in_modules go vet ./...
@@ -229,28 +263,55 @@ banner "environment"
 go version
 echo "repo $REPO, CI=${CI:-}, $(nproc) cores, modules: ${MODULES[*]}"
 
-# 1. Services start (mostly waiting) while the test binaries compile.
-step "fetch and start PostgreSQL and Kafka" start_services >"$WORK/services.log" 2>&1 &
-SERVICES_PID=$!
-step "compile tests with -race (${MODULES[*]})" compile_tests
-wait "$SERVICES_PID"
-SERVICES_RC=$?
-cat "$WORK/services.log"
+# start_all_services: fetch Kafka once, then start both sets at once; each
+# set's exit status goes to $WORK/set-N.rc, its output to $WORK/set-N.log.
+start_all_services() {
+	if ! step "fetch Apache Kafka (cached after the first run)" bash scripts/kafka.sh fetch; then
+		echo 1 >"$WORK/set-1.rc"
+		echo 1 >"$WORK/set-2.rc"
+		return
+	fi
+	(step "start PostgreSQL and Kafka" start_services >"$WORK/set-1.log" 2>&1; echo $? >"$WORK/set-1.rc") &
+	(export "${SET_2[@]}" && step "start the second PostgreSQL and Kafka" start_services >"$WORK/set-2.log" 2>&1; echo $? >"$WORK/set-2.rc")
+	wait
+}
 
-# 2. The two lanes.
-echo "the other lane (vet, tests without services, fuzz, helm) runs meanwhile; its log: $OTHERS_LOG"
-others_lane >"$OTHERS_LOG" 2>&1 &
-OTHERS_PID=$!
-if [ "$SERVICES_RC" -eq 0 ]; then
+# 1. Both sets of services start (mostly waiting) while the services lanes'
+# test binaries compile.
+start_all_services >"$WORK/fetch.log" 2>&1 &
+SERVICES_PID=$!
+BG_PIDS=("$SERVICES_PID")
+step "compile the services lanes' tests with -race" compile_tests
+wait "$SERVICES_PID"
+BG_PIDS=()
+cat "$WORK/fetch.log" "$WORK"/set-[12].log 2>/dev/null
+SERVICES_1_RC="$(cat "$WORK/set-1.rc")"
+SERVICES_2_RC="$(cat "$WORK/set-2.rc")"
+
+# 2. The three lanes.
+lane() { # lane NAME FUNCTION: start FUNCTION in the background, output to a log
+	echo "lane $1 runs meanwhile; its log: $WORK/$1.log"
+	"$2" >"$WORK/$1.log" 2>&1 &
+	BG_PIDS+=($!)
+}
+if [ "$SERVICES_2_RC" -eq 0 ]; then
+	lane services-2 services_2_lane
+else
+	echo "scripts/test.sh: the second services did not start; their packages are not tested" >&2
+fi
+lane others others_lane
+if [ "$SERVICES_1_RC" -eq 0 ]; then
 	export_services_env
-	step "go test -race: the relay's packages using the services (-p $GO_P)" go_test_race S
+	step "go test -race: cmd/relay (first set, -p $GO_P)" go_test_race S1
 else
 	echo "scripts/test.sh: services did not start; their packages are not tested" >&2
 fi
-banner "waiting for the other lane"
-wait "$OTHERS_PID"
-OTHERS_PID=""
-cat "$OTHERS_LOG"
+banner "waiting for the other lanes"
+wait "${BG_PIDS[@]}"
+BG_PIDS=()
+for f in services-2 others; do
+	[ -f "$WORK/$f.log" ] && { banner "lane $f"; cat "$WORK/$f.log"; }
+done
 
 print_summary
 if failed; then
