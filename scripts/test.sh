@@ -247,8 +247,11 @@ services_2_lane() {
 	step "go test -race: other packages using services (second set, -p $GO_P)" go_test_race S2
 }
 
-# The lane beside the services' tests: nothing in it uses the services.
+# The lane beside the services' tests: nothing in it uses the services. It
+# runs at a lower priority: the services lanes' tests, which the whole run
+# waits for, then get a core when they need one, and this lane the rest.
 others_lane() {
+	renice -n 10 -p "$BASHPID" >/dev/null
 	step "go vet ./... (${MODULES[*]})" in_modules go vet ./...
 	step "go test -race: the relay's packages without services" go_test_race F
 	step "go test -race: tool modules" go_test_tool_modules
