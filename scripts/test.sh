@@ -13,15 +13,16 @@
 #               scripts/kafka.sh are set (RELAY_TEST_STATE, ports)
 #   services 2  the relay's other packages using services, one at a time,
 #               on a second PostgreSQL and Kafka (ports below)
-#   others      go vet ./... of every module; go test -race of every other
-#               package (the relay's packages without services, the tool
-#               modules); a run of every fuzz target, one at a time; helm
-#               (built with go install the first time) and
-#               scripts/helm-check.sh, which runs deploy/helm's test with -race
-# Before them, both sets of services are fetched, wiped and started while the
-# services lanes' test binaries compile with -race; on exit they are stopped
-# whatever happens. The lanes "services 2" and "others" write to log files,
-# named when they start and printed when they end.
+#   others      from the start, niced: helm (built with go install the
+#               first time); a run of every fuzz target, one at a time;
+#               go vet -race ./... of every module; go test -race of every
+#               other package (the relay's packages without services, the
+#               tool modules); scripts/helm-check.sh, which runs deploy/helm's
+#               test with -race
+# Before the services lanes, both sets of services are fetched, wiped and
+# started while their test binaries compile with -race; on exit the services
+# are stopped whatever happens. The lanes "services 2" and "others" write to
+# log files, named when they start and printed when they end.
 # Every step runs even after an earlier one failed; the exit status is
 # non-zero when any failed.
 #
@@ -56,7 +57,7 @@ export RELAY_TEST_REQUIRE_SERVICES=1
 
 T_START=$SECONDS
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/relay-test.XXXXXX")"
-# One line per finished step, appended by either lane.
+# One line per finished step, appended by any lane.
 SUMMARY="$WORK/summary"
 : >"$SUMMARY"
 BG_PIDS=()
@@ -248,18 +249,24 @@ services_2_lane() {
 }
 
 # The lane beside the services' tests: nothing in it uses the services. It
-# runs at a lower priority: the services lanes' tests, which the whole run
-# waits for, then get a core when they need one, and this lane the rest.
+# runs from the start at a lower priority: the services lanes (their compile,
+# then their tests, which wait on timers) get a core when they need one, and
+# this lane the rest. First what shares no compiled package with the -race
+# build of the services lanes (helm, fuzzing: their own builds), so that two
+# go commands do not compile the same package at once; then the -race work.
 others_lane() {
+	local helm_ok=0
 	renice -n 10 -p "$BASHPID" >/dev/null
-	step "go vet ./... (${MODULES[*]})" in_modules go vet ./...
+	if [ -f scripts/helm-check.sh ]; then
+		step "helm (scripts/helm-check.sh install)" install_helm && helm_ok=1
+	fi
+	step "fuzz (each target $FUZZTIME, workers: $FUZZ_WORKERS)" fuzz_all
+	# -race: vet reads the packages the tests compiled instead of compiling
+	# every one once more without it (no file of ours depends on the race tag).
+	step "go vet -race ./... (${MODULES[*]})" in_modules go vet -race ./...
 	step "go test -race: the relay's packages without services" go_test_race F
 	step "go test -race: tool modules" go_test_tool_modules
-	step "fuzz (each target $FUZZTIME, workers: $FUZZ_WORKERS)" fuzz_all
-	if [ -f scripts/helm-check.sh ]; then
-		step "helm (scripts/helm-check.sh install)" install_helm &&
-			step "scripts/helm-check.sh" bash scripts/helm-check.sh
-	fi
+	[ "$helm_ok" = 1 ] && step "scripts/helm-check.sh" bash scripts/helm-check.sh
 }
 
 banner "environment"
@@ -279,30 +286,31 @@ start_all_services() {
 	wait
 }
 
-# 1. Both sets of services start (mostly waiting) while the services lanes'
-# test binaries compile.
-start_all_services >"$WORK/fetch.log" 2>&1 &
-SERVICES_PID=$!
-BG_PIDS=("$SERVICES_PID")
-step "compile the services lanes' tests with -race" compile_tests
-wait "$SERVICES_PID"
-BG_PIDS=()
-cat "$WORK/fetch.log" "$WORK"/set-[12].log 2>/dev/null
-SERVICES_1_RC="$(cat "$WORK/set-1.rc")"
-SERVICES_2_RC="$(cat "$WORK/set-2.rc")"
-
-# 2. The three lanes.
 lane() { # lane NAME FUNCTION: start FUNCTION in the background, output to a log
 	echo "lane $1 runs meanwhile; its log: $WORK/$1.log"
 	"$2" >"$WORK/$1.log" 2>&1 &
 	BG_PIDS+=($!)
 }
+
+lane others others_lane
+
+# 1. Both sets of services start (mostly waiting) while the services lanes'
+# test binaries compile.
+start_all_services >"$WORK/fetch.log" 2>&1 &
+SERVICES_PID=$!
+BG_PIDS+=("$SERVICES_PID")
+step "compile the services lanes' tests with -race" compile_tests
+wait "$SERVICES_PID"
+cat "$WORK/fetch.log" "$WORK"/set-[12].log 2>/dev/null
+SERVICES_1_RC="$(cat "$WORK/set-1.rc")"
+SERVICES_2_RC="$(cat "$WORK/set-2.rc")"
+
+# 2. The services lanes.
 if [ "$SERVICES_2_RC" -eq 0 ]; then
 	lane services-2 services_2_lane
 else
 	echo "scripts/test.sh: the second services did not start; their packages are not tested" >&2
 fi
-lane others others_lane
 if [ "$SERVICES_1_RC" -eq 0 ]; then
 	export_services_env
 	step "go test -race: cmd/relay (first set, -p $GO_P)" go_test_race S1
@@ -310,7 +318,7 @@ else
 	echo "scripts/test.sh: services did not start; their packages are not tested" >&2
 fi
 banner "waiting for the other lanes"
-wait "${BG_PIDS[@]}"
+wait
 BG_PIDS=()
 for f in services-2 others; do
 	[ -f "$WORK/$f.log" ] && { banner "lane $f"; cat "$WORK/$f.log"; }
