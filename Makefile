@@ -1,5 +1,6 @@
 # make test      the whole suite with real PostgreSQL and Kafka (scripts/test.sh)
 # make build     bin/relay
+# make relay-load  bin/relay-load, the load tool (its own module, tools/relay-load; Linux)
 # make demo      run the relay in demo mode
 # make bench     benchmarks
 # make services-up / services-down
@@ -11,7 +12,7 @@
 SHELL := /usr/bin/env bash
 GO ?= go
 
-.PHONY: all test build demo bench services-up services-down services-env
+.PHONY: all test build relay-load demo bench services-up services-down services-env
 
 all: build
 
@@ -20,6 +21,10 @@ test:
 
 build:
 	$(GO) build -o bin/relay ./cmd/relay
+
+# -o is absolute: go -C builds from the tool's own module.
+relay-load:
+	$(GO) -C tools/relay-load build -o "$(CURDIR)/bin/relay-load" .
 
 demo:
 	$(GO) run ./cmd/relay --demo

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmarks of the relay: the five standard scenarios, each against a
 # freshly started relay process (built with go build -o), with viewers and
-# a producer from cmd/relay-load.
+# a producer from relay-load (tools/relay-load, a module of its own).
 #
 #   scripts/bench.sh [--kfake] [--only 1,3,5] [--runs N] [--out DIR]
 #
@@ -102,7 +102,7 @@ trap cleanup EXIT
 
 # --- build -----------------------------------------------------------------
 log "building the relay and relay-load into $BIN"
-(cd "$REPO" && go build -o "$BIN/relay" ./cmd/relay && go build -o "$BIN/relay-load" ./cmd/relay-load)
+(cd "$REPO" && go build -o "$BIN/relay" ./cmd/relay && go -C tools/relay-load build -o "$BIN/relay-load" .)
 
 # --- PostgreSQL ------------------------------------------------------------
 DB_URL="$(bash "$SCRIPT_DIR/pg.sh" start)"

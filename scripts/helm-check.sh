@@ -5,9 +5,10 @@
 #      cached in GOPATH/bin afterwards)
 #   2. helm lint --strict with the default values and with each ci/*.yaml
 #   3. helm template for the same variants into a temporary directory
-#   4. the chart's Go test (deploy/helm/chart_test.go) with RELAY_HELM set: strict decoding into the
-#      Kubernetes API types, the rollout/drain/security invariants, and that unknown values keys and
-#      a missing existingSecret are rejected
+#   4. the chart's Go test (deploy/helm/chart_test.go, module deploy/helm/go.mod) with RELAY_HELM set
+#      and -race, as make test runs every test: strict decoding into the Kubernetes API types, the
+#      rollout/drain/security invariants, and that unknown values keys and a missing existingSecret
+#      are rejected
 #
 # Usage: scripts/helm-check.sh           everything above
 #        scripts/helm-check.sh install   only step 1; prints the helm path (for a test script that
@@ -100,6 +101,6 @@ for f in "${VARIANTS[@]}"; do
 	echo "rendered $name: $(grep -c '^kind:' "$OUT/$name.yaml") objects"
 done
 
-echo "==> go test ./deploy/helm/"
-RELAY_HELM="$HELM" RELAY_TEST_REQUIRE_SERVICES=1 go test -count=1 ./deploy/helm/
+echo "==> go test in deploy/helm (a module of its own)"
+RELAY_HELM="$HELM" RELAY_TEST_REQUIRE_SERVICES=1 go -C deploy/helm test -race -count=1 ./...
 echo "helm-check: all checks passed"

@@ -4,8 +4,11 @@
 // relay's CPU per million frames and RSS per viewer, keepalive timeliness,
 // and when the relay cut viewers that stopped reading. scripts/bench.sh runs
 // the standard scenarios against a relay it starts; --help lists the flags.
+// It is a module of its own (it imports nothing of the relay) and runs on
+// Linux only; elsewhere it builds to a stub that says so.
 //
-//	go run ./cmd/relay-load --url http://127.0.0.1:8080 --jwt-secret "$SECRET" --user bench-viewer \
+//	make relay-load   # from the repository root: bin/relay-load
+//	bin/relay-load --url http://127.0.0.1:8080 --jwt-secret "$SECRET" --user bench-viewer \
 //	    --brokers 127.0.0.1:9092 --viewers 1000 --rate 400 --duration 60s --relay-pid "$(pgrep -nx relay)"
 //
 // # Run

@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 import (
@@ -158,7 +160,7 @@ func newReport(cfg *config, args []string) *report {
 
 // commandLine is the command as run, with credentials redacted.
 func commandLine(args []string) string {
-	out := []string{"go run ./cmd/relay-load"}
+	out := []string{"bin/relay-load"}
 	redact := false
 	for _, a := range args {
 		switch {
