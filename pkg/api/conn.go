@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/gin-gonic/gin"
-	"golang.org/x/sys/unix"
 )
 
 // What one connection may cost: the bounds on reading requests, and the
@@ -107,20 +106,4 @@ func (s *Server) setupStream(conn net.Conn) {
 			s.log.Warn("cannot set the stream's TCP user timeout", "err", err)
 		}
 	}
-}
-
-// setUserTimeout sets TCP_USER_TIMEOUT: how long sent data may stay
-// unacknowledged before the kernel drops the connection.
-func setUserTimeout(tc *net.TCPConn, d time.Duration) error {
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
-	}); err != nil {
-		return err
-	}
-	return serr
 }
