@@ -47,11 +47,13 @@ const (
 // Broadcaster offers frames to subscribers and keeps the replay window. The
 // zero value is not usable; call New.
 //
-// Published frames are offered at the next flush, all of them as one batch
-// in one channel send per viewer: FlushInterval after the first frame
-// waiting, or at once when maxFlush (or a quarter of a queue) are waiting.
-// A send, a wake-up and a write per event per viewer is most of what a
-// viewer costs at moderate rates; a batch costs the same once.
+// Published frames are offered at a flush, all of them as one batch in one
+// channel send per viewer. A frame that finds the broadcaster idle (no flush
+// for FlushInterval) is offered at once: at light load nothing waits. Frames
+// that follow a flush closer than that wait until FlushInterval after it,
+// or until maxFlush (or a quarter of a queue) are waiting: under load,
+// events close together share one send, one wake-up and one write per
+// viewer, most of what a viewer costs at moderate rates.
 type Broadcaster struct {
 	buffer      int // frames a viewer may have queued
 	flushEvery  time.Duration
@@ -65,10 +67,11 @@ type Broadcaster struct {
 	win    *window
 	topics map[string]uint32 // current topic hash (name and topic ID) per topic name
 	names  map[uint32]topicName
-	// pending holds the frames published since the last flush; timer
-	// flushes them FlushInterval after the first.
-	pending []*sse.Frame
-	timer   *time.Timer
+	// pending holds the frames published since the last flush, at
+	// lastFlush; timer flushes them FlushInterval after it.
+	pending   []*sse.Frame
+	timer     *time.Timer
+	lastFlush time.Time
 
 	published, delivered, dropped atomic.Uint64
 	behind                        atomic.Bool // many viewers were behind at the last flush
@@ -434,10 +437,14 @@ func (b *Broadcaster) Publish(ev sse.Event) error {
 		case b.flushEvery == 0 || len(b.pending) >= b.flushAfter:
 			b.flushLocked()
 		case len(b.pending) == 1:
-			if b.timer == nil {
-				b.timer = time.AfterFunc(b.flushEvery, b.flush)
-			} else {
-				b.timer.Reset(b.flushEvery)
+			wait := b.flushEvery - time.Since(b.lastFlush)
+			switch {
+			case wait <= 0: // idle: no reason to wait
+				b.flushLocked()
+			case b.timer == nil:
+				b.timer = time.AfterFunc(wait, b.flush)
+			default:
+				b.timer.Reset(wait)
 			}
 		}
 	}
@@ -481,6 +488,7 @@ func (b *Broadcaster) flushLocked() {
 	}
 	batch := &Batch{Frames: b.pending}
 	b.pending = nil // the frames now belong to the viewers
+	b.lastFlush = time.Now()
 	if b.timer != nil {
 		b.timer.Stop()
 	}
