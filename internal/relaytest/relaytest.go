@@ -5,7 +5,6 @@ package relaytest
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -32,6 +31,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/internal/testenv"
+	"github.com/decnet/identity-relay/internal/testsync"
 	"github.com/decnet/identity-relay/pkg/api"
 )
 
@@ -72,7 +72,7 @@ func Binary(t testing.TB) string {
 type Process struct {
 	URL  string // http://127.0.0.1:port
 	cmd  *exec.Cmd
-	logs *syncBuffer
+	logs *testsync.Buffer
 	done chan struct{}
 	err  error
 }
@@ -99,7 +99,7 @@ func Start(t testing.TB, env map[string]string, args ...string) *Process {
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
-	p := &Process{cmd: cmd, logs: &syncBuffer{}, done: make(chan struct{})}
+	p := &Process{cmd: cmd, logs: &testsync.Buffer{}, done: make(chan struct{})}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -182,29 +182,6 @@ func (p *Process) WaitReady(t testing.TB) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("relay not ready within 20s\n%s", p.Logs())
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) WriteString(v string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.b.WriteString(v)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // DB opens the test database.

@@ -2,7 +2,6 @@ package api
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -24,6 +23,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/decnet/identity-relay/internal/ssetest"
+	"github.com/decnet/identity-relay/internal/testsync"
 	"github.com/decnet/identity-relay/internal/users"
 	"github.com/decnet/identity-relay/pkg/fanout"
 	"github.com/decnet/identity-relay/pkg/sse"
@@ -145,25 +145,6 @@ func (s *fakeStore) Snapshot(ctx context.Context, limit int) (json.RawMessage, e
 
 func (s *fakeStore) Ping(ctx context.Context) error { return s.call(ctx, "Ping") }
 
-// lockedBuffer is the log sink: slog writes from handler goroutines while
-// the test reads.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // harness is one relay API over real HTTP.
 type harness struct {
 	srv    *Server
@@ -171,7 +152,7 @@ type harness struct {
 	store  *fakeStore
 	broker *fanout.Broadcaster
 	client *http.Client
-	logs   *lockedBuffer
+	logs   *testsync.Buffer
 
 	mu       sync.Mutex
 	tokens   []string   // every credential sent, to look for in the logs
@@ -217,7 +198,7 @@ func newHarness(t *testing.T, store *fakeStore, mod func(*Config)) *harness {
 	if mod != nil {
 		mod(&cfg)
 	}
-	h := &harness{store: store, logs: &lockedBuffer{}, broker: fanout.New(fanout.Options{Buffer: 16})}
+	h := &harness{store: store, logs: &testsync.Buffer{}, broker: fanout.New(fanout.Options{Buffer: 16})}
 	cfg.Logger = slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	t.Cleanup(func() { h.checkLogs(t) }) // runs last, once every request has ended
 	srv, err := New(cfg, store, h.broker)

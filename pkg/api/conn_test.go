@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/decnet/identity-relay/internal/testsync"
 	"github.com/decnet/identity-relay/pkg/fanout"
 	"github.com/decnet/identity-relay/pkg/sse"
 )
@@ -197,9 +198,9 @@ func (l *failOnceListener) Accept() (net.Conn, error) {
 
 // serve runs the API's own http.Server on ln, with cfg changed by mod, for
 // tests that need a listener of their own; it returns the server and its logs.
-func serve(t *testing.T, ln net.Listener, mod func(*Config)) (*Server, *lockedBuffer) {
+func serve(t *testing.T, ln net.Listener, mod func(*Config)) (*Server, *testsync.Buffer) {
 	t.Helper()
-	logs := &lockedBuffer{}
+	logs := &testsync.Buffer{}
 	cfg := testConfig()
 	if mod != nil {
 		mod(&cfg)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 
+	"github.com/decnet/identity-relay/internal/testsync"
 	"github.com/decnet/identity-relay/internal/users"
 	"github.com/decnet/identity-relay/pkg/fanout"
 	"github.com/decnet/identity-relay/pkg/sse"
@@ -91,10 +92,10 @@ func BenchmarkHTTPStream(b *testing.B) {
 					b.Fatal(err)
 				}
 				if i%128 == 127 { // stay inside the viewers' 256-frame queues
-					waitCount(&received, int64(i+1)*int64(viewers))
+					testsync.WaitAtLeast(b, &received, int64(i+1)*int64(viewers), time.Minute)
 				}
 			}
-			waitCount(&received, int64(b.N)*int64(viewers))
+			testsync.WaitAtLeast(b, &received, int64(b.N)*int64(viewers), time.Minute)
 			elapsed := time.Since(start)
 			b.StopTimer()
 			if d := broker.Stats().Dropped; d != 0 {
@@ -135,11 +136,5 @@ func countFrames(r io.Reader, n *atomic.Int64) {
 		if err != nil {
 			return
 		}
-	}
-}
-
-func waitCount(n *atomic.Int64, want int64) {
-	for n.Load() < want {
-		time.Sleep(20 * time.Microsecond)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/decnet/identity-relay/internal/testsync"
 	"github.com/decnet/identity-relay/pkg/sse"
 )
 
@@ -61,10 +62,10 @@ func BenchmarkBroadcast(b *testing.B) {
 				// Let readers catch up every 128 events so no viewer is dropped:
 				// this measures delivery, not the drop path.
 				if i%128 == 127 {
-					waitFor(&received, int64(i+1)*int64(viewers))
+					testsync.WaitAtLeast(b, &received, int64(i+1)*int64(viewers), time.Minute)
 				}
 			}
-			waitFor(&received, int64(b.N)*int64(viewers))
+			testsync.WaitAtLeast(b, &received, int64(b.N)*int64(viewers), time.Minute)
 			elapsed := time.Since(start)
 			b.StopTimer()
 			if d := hub.Stats().Dropped; d != 0 {
@@ -86,11 +87,5 @@ func BenchmarkEncode(b *testing.B) {
 		if _, err := sse.Encode(ev, ""); err != nil {
 			b.Fatal(err)
 		}
-	}
-}
-
-func waitFor(n *atomic.Int64, want int64) {
-	for n.Load() < want {
-		time.Sleep(50 * time.Microsecond)
 	}
 }
