@@ -1,5 +1,3 @@
-//go:build linux
-
 // Command minimal is the smallest honest Kafka-to-SSE relay: the yardstick
 // that scripts/bench.sh --peers runs beside the relay, with the same load
 // tool and scenarios. One franz-go consumer of every partition of the
