@@ -3,7 +3,7 @@
 # freshly started relay process (built with go build -o), with viewers and
 # a producer from relay-load (tools/relay-load, a module of its own).
 #
-#   scripts/bench.sh [--kfake] [--only 1,3,5] [--runs N] [--out DIR]
+#   scripts/bench.sh [--kfake] [--peers] [--only 1,3,5] [--runs N] [--out DIR]
 #
 #   1  1,000 viewers, 400 events/s: latency p50/p99
 #   2  1,000 viewers, 1,000 events/s: keeps up?, p99, relay CPU-s per million frames
@@ -15,6 +15,14 @@
 #   5  100 of 1,000 viewers stalled, 100 events/s of 4 KiB: readers' p99
 #      against the same run with none stalled (5b); when each stalled viewer
 #      was cut; relay RSS over time
+#   6  light load, 100 viewers: 10 events/s (6a) and 100 events/s (6b):
+#      latency p50/p99 (what an event costs when nothing else is waiting)
+#
+# With --peers every scenario runs, right after the relay, against the
+# minimal Go SSE server kept beside the load tool (tools/relay-load/minimal:
+# one consumer, a channel per viewer, a write per event; its figures are
+# labelled "-minimal"), so that drift on this shared machine hits both alike.
+# Centrifugo is not among the peers yet.
 #
 # The broker is a real single-node Kafka from scripts/kafka.sh (default), or
 # with --kfake franz-go's in-process kfake served by relay-load --kfake.
@@ -64,12 +72,14 @@ PERF="${BENCH_PERF:-0}"
 EXTRA="${BENCH_EXTRA:-}"
 
 BROKER_MODE=kafka
-ONLY="1,2,3,4,5"
+ONLY="1,2,3,4,5,6"
+PEERS=0
 RUNS=1
 OUT=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--kfake) BROKER_MODE=kfake ;;
+	--peers) PEERS=1 ;;
 	--only) ONLY="$2"; shift ;;
 	--runs) RUNS="$2"; shift ;;
 	--out) OUT="$2"; shift ;;
@@ -102,7 +112,8 @@ trap cleanup EXIT
 
 # --- build -----------------------------------------------------------------
 log "building the relay and relay-load into $BIN"
-(cd "$REPO" && go build -o "$BIN/relay" ./cmd/relay && go -C tools/relay-load build -o "$BIN/relay-load" .)
+(cd "$REPO" && go build -o "$BIN/relay" ./cmd/relay && go -C tools/relay-load build -o "$BIN/relay-load" . &&
+	go -C tools/relay-load build -o "$BIN/minimal" ./minimal)
 
 # --- PostgreSQL ------------------------------------------------------------
 DB_URL="$(bash "$SCRIPT_DIR/pg.sh" start)"
@@ -123,8 +134,18 @@ log "broker ($BROKER_MODE) at $BROKERS; PostgreSQL at 127.0.0.1:$RELAY_TEST_PG_P
 
 # --- one scenario ------------------------------------------------------------
 # scenario NAME "RELAY_VAR=value ..." relay-load flags...
+# scenario NAME RELAY_ENV ARGS...: one run against the relay, and with
+# --peers one more against the minimal server.
 scenario() {
+	TARGET=relay run_scenario "$@"
+	if [ "$PEERS" = 1 ]; then
+		TARGET=minimal run_scenario "$@"
+	fi
+}
+
+run_scenario() {
 	local name="$1$RUN_SUFFIX" relay_env="$2"
+	[ "$TARGET" = minimal ] && name="$1-minimal$RUN_SUFFIX"
 	shift 2
 	local topic="identity.bench-$name-$RUN_TAG"
 	local env=(
@@ -146,7 +167,19 @@ scenario() {
 	echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); busiest other processes:"
 	ps -eo pcpu,comm --sort=-pcpu | sed -n '2,6p' | sed 's/^/    /'
 
-	env -i PATH="$PATH" HOME="$HOME" "${env[@]}" "$BIN/relay" >"$OUT/relay-$name.log" 2>&1 &
+	if [ "$TARGET" = minimal ]; then
+		# Its queue and keepalive as the relay's in this scenario.
+		local buffer=256 keepalive=15s kv
+		for kv in $relay_env ${BENCH_RELAY_ENV:-}; do
+			case "$kv" in
+			RELAY_SUBSCRIBER_BUFFER=*) buffer="${kv#*=}" ;;
+			RELAY_SSE_KEEPALIVE=*) keepalive="${kv#*=}" ;;
+			esac
+		done
+		"$BIN/minimal" --listen "127.0.0.1:$RELAY_PORT" --brokers "$BROKERS" --buffer "$buffer" --keepalive "$keepalive" >"$OUT/relay-$name.log" 2>&1 &
+	else
+		env -i PATH="$PATH" HOME="$HOME" "${env[@]}" "$BIN/relay" >"$OUT/relay-$name.log" 2>&1 &
+	fi
 	RELAY_PID=$!
 	local ok=""
 	for _ in $(seq 200); do
@@ -207,6 +240,10 @@ for run in $(seq "$RUNS"); do
 		# 4 KiB frames: a 16 KiB read buffer spares the tool a read per frame.
 		scenario 5a "" --viewers 1000 --stalled 100 --rate 100 --value-bytes 4096 --read-buffer 16384 --duration "$DURATION" --warmup "$WARMUP"
 		scenario 5b "" --viewers 1000 --stalled 0 --rate 100 --value-bytes 4096 --read-buffer 16384 --duration "$DURATION" --warmup "$WARMUP"
+	fi
+	if want 6; then
+		scenario 6a "" --viewers 100 --rate 10 --duration "$DURATION" --warmup "$WARMUP"
+		scenario 6b "" --viewers 100 --rate 100 --duration "$DURATION" --warmup "$WARMUP"
 	fi
 done
 
