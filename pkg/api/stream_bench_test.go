@@ -30,7 +30,7 @@ import (
 // read every frame before the timer stops. Reports delivered frames/s and the
 // relay's goroutines per viewer. The clients share the process (and the two
 // cores), so the figure is a floor; memory per viewer is measured on the
-// relay process by cmd/relay-load (BENCHMARKS.md).
+// relay process by tools/relay-load (BENCHMARKS.md).
 func BenchmarkHTTPStream(b *testing.B) {
 	for _, viewers := range []int{100, 1000} {
 		b.Run(fmt.Sprintf("viewers=%d", viewers), func(b *testing.B) {
