@@ -221,12 +221,23 @@ fuzz_all() {
 		n=$((n + 1))
 		local t0=$SECONDS
 		echo "--- fuzz ${dir#"$REPO"/} $name ($FUZZTIME, workers: $FUZZ_WORKERS)"
-		if (cd "$dir" && go test -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" -parallel "$FUZZ_WORKERS" .); then
+		local found="$dir/testdata/fuzz/$name" before after out="$WORK/fuzz-$name.log"
+		before="$(ls "$found" 2>/dev/null | wc -l)"
+		if (cd "$dir" && go test -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" -parallel "$FUZZ_WORKERS" .) 2>&1 | tee "$out"; then
 			echo "--- fuzz $name ok in $((SECONDS - t0))s"
-		else
-			echo "--- fuzz $name FAILED in $((SECONDS - t0))s (a failing input is saved under the package's testdata/fuzz/$name)"
-			fails=$((fails + 1))
+			continue
 		fi
+		after="$(ls "$found" 2>/dev/null | wc -l)"
+		# Go 1.26's fuzzing coordinator can fail a target with a bare
+		# "context deadline exceeded" when -fuzztime ends while a starved
+		# worker is mid-call (golang/go#75804, fixed in Go 1.27): no input
+		# failed and none is written. Only a written input is a finding.
+		if [ "$after" -eq "$before" ] && grep -qx '    context deadline exceeded' "$out"; then
+			echo "--- fuzz $name ok in $((SECONDS - t0))s (its end hit golang/go#75804; no failing input)"
+			continue
+		fi
+		echo "--- fuzz $name FAILED in $((SECONDS - t0))s (a failing input is saved under the package's testdata/fuzz/$name)"
+		fails=$((fails + 1))
 	done <<<"$targets"
 	echo "fuzz targets: $((n - fails)) ok, $fails failing"
 	[ "$fails" -eq 0 ]
