@@ -248,11 +248,7 @@ func (b *Broadcaster) subscribeLocked(onEnd func(Reason)) (*Subscription, error)
 func (b *Broadcaster) Position() sse.Position {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	p := make(sse.Position, len(b.pos))
-	for k, v := range b.pos {
-		p[k] = v
-	}
-	return p
+	return b.pos.Clone()
 }
 
 // Range is a run of one partition's offsets, From to To (exclusive).
@@ -385,6 +381,9 @@ func (b *Broadcaster) Subscribe(at sse.Position, onEnd func(Reason)) (*Subscript
 // partition's events must come in offset order. A backfill event (read at
 // start-up, older than the process) goes to the window only.
 func (b *Broadcaster) Publish(ev sse.Event) error {
+	if ev.Offset < 0 || ev.Offset >= sse.MaxOffset {
+		return fmt.Errorf("%w: offset %d", sse.ErrBadPosition, ev.Offset)
+	}
 	key := sse.KeyOf(ev.Topic, ev.TopicID, ev.Partition)
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -406,9 +405,6 @@ func (b *Broadcaster) Publish(ev sse.Event) error {
 		b.win.reset(b.pos)
 	}
 	prev, had := b.pos[key]
-	if ev.Offset < 0 || ev.Offset >= sse.MaxOffset {
-		return fmt.Errorf("%w: offset %d", sse.ErrBadPosition, ev.Offset)
-	}
 	b.pos[key] = ev.Offset + 1
 	if !had && b.pos.Slots() > sse.MaxPartitions {
 		delete(b.pos, key)

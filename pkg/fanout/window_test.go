@@ -3,6 +3,7 @@ package fanout
 import (
 	"encoding/json"
 	"errors"
+	"maps"
 	"slices"
 	"testing"
 
@@ -176,5 +177,20 @@ func TestPublishWithinMaxPartitions(t *testing.T) {
 	f := one(t, s)
 	if _, err := sse.ParsePosition(f.ID()); err != nil {
 		t.Fatalf("id of %d bytes issued with %d partitions does not parse: %v", len(f.ID()), sse.MaxPartitions, err)
+	}
+}
+
+// An offset no position can hold is refused before it touches the stream.
+func TestPublishRefusesBadOffsets(t *testing.T) {
+	b := New(Options{})
+	mustPublish(t, b, ev("identity.a", 0, 5))
+	before := b.Position()
+	for _, off := range []int64{-1, sse.MaxOffset} {
+		if err := b.Publish(ev("identity.a", 0, off)); !errors.Is(err, sse.ErrBadPosition) {
+			t.Fatalf("offset %d: %v, want ErrBadPosition", off, err)
+		}
+	}
+	if got := b.Position(); !maps.Equal(got, before) || b.Stats().WindowEvents != 1 {
+		t.Fatalf("after refused offsets: position %v (was %v), window %d", got, before, b.Stats().WindowEvents)
 	}
 }
