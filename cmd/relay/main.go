@@ -94,6 +94,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		JWTSecret: []byte(secret), JWTIssuer: cfg.JWTIssuer, JWTAudience: cfg.JWTAudience, JWTLeeway: cfg.JWTLeeway,
 		MaxPerUser: cfg.MaxPerUser, MaxConnections: cfg.MaxConnections,
 		Keepalive: cfg.Keepalive, Retry: cfg.Retry, SnapshotLimit: cfg.SnapshotLimit,
+		MaxLifetime: cfg.MaxLifetime, LifetimeJitter: cfg.LifetimeJitter,
 		DBTimeout: cfg.DatabaseTimeout, WriteTimeout: cfg.WriteTimeout, SendBuffer: cfg.SendBuffer, AuthCacheTTL: authCacheTTL,
 		UserTimeout: cfg.UserTimeout, TrustedProxies: cfg.TrustedProxies,
 		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
@@ -140,7 +141,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return fmt.Errorf("kafka consumer stopped: %w", err)
 	}
 
-	shutdown(log, cfg.ShutdownTimeout, srv, hub, httpSrv)
+	shutdown(log, cfg.ShutdownTimeout, cfg.ShutdownSpread, srv, hub, httpSrv)
 	stopConsumer()
 	<-consDone
 	log.Info("stopped")
@@ -148,12 +149,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 }
 
 // shutdown turns the relay unready, refuses new viewers, ends every stream
-// between frames and the remaining requests, within timeout.
-func shutdown(log *slog.Logger, timeout time.Duration, srv *api.Server, hub *fanout.Broadcaster, httpSrv *http.Server) {
-	log.Info("shutting down", "timeout", timeout.String())
+// between frames (one by one over spread, if not 0, the consumer still
+// feeding the streams not yet ended) and the remaining requests, within
+// timeout.
+func shutdown(log *slog.Logger, timeout, spread time.Duration, srv *api.Server, hub *fanout.Broadcaster, httpSrv *http.Server) {
+	log.Info("shutting down", "timeout", timeout.String(), "spread", spread.String())
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	srv.Drain()
+	if spread > 0 {
+		srv.Spread(ctx, spread)
+	}
 	_ = hub.Close()
 	if err := srv.Wait(ctx); err != nil {
 		log.Warn("streams still open at the shutdown timeout; closed them", "err", err)

@@ -47,11 +47,14 @@ type Config struct {
 	SendBuffer        int           // RELAY_SSE_SEND_BUFFER, bytes, default 1048576; 0 leaves the kernel's autotuning
 	UserTimeout       time.Duration // RELAY_SSE_USER_TIMEOUT, TCP_USER_TIMEOUT of streams, default 30s; 0 leaves the kernel's
 	Retry             time.Duration // RELAY_SSE_RETRY, default 3s
+	MaxLifetime       time.Duration // RELAY_SSE_MAX_LIFETIME, default 0 (streams live as long as their viewer)
+	LifetimeJitter    float64       // RELAY_SSE_LIFETIME_JITTER, fraction of MaxLifetime, default 0.2
 	ReplayWindow      int           // RELAY_REPLAY_WINDOW, default 10000 events
 	ReplayWindowBytes int           // RELAY_REPLAY_WINDOW_BYTES, default 67108864
 	SnapshotLimit     int           // RELAY_SNAPSHOT_LIMIT, default 50
 	MaxRecordBytes    int           // RELAY_MAX_RECORD_BYTES, default 1048576
 	ShutdownTimeout   time.Duration // RELAY_SHUTDOWN_TIMEOUT, default 25s
+	ShutdownSpread    time.Duration // RELAY_SHUTDOWN_SPREAD, default 0 (every stream ends at once); below ShutdownTimeout
 	LogLevel          slog.Level    // RELAY_LOG_LEVEL: debug, info, warn, error; default info
 	LogFormat         string        // RELAY_LOG_FORMAT: json or text; default json
 }
@@ -107,6 +110,10 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.UserTimeout, err = userTimeout(v); return }},
 	{"RELAY_SSE_RETRY", "3s", "reconnection delay hinted to browsers with retry: once per stream",
 		func(c *Config, v string) (err error) { c.Retry, err = positiveDuration(v); return }},
+	{"RELAY_SSE_MAX_LIFETIME", "0", "longest a stream lives: it then ends between frames and the browser resumes with Last-Event-ID, through the load balancer (so viewers spread onto new replicas); 0 never ends it",
+		func(c *Config, v string) (err error) { c.MaxLifetime, err = nonNegativeDuration(v); return }},
+	{"RELAY_SSE_LIFETIME_JITTER", "0.2", "fraction of RELAY_SSE_MAX_LIFETIME by which each stream's lifetime is shortened at random (uniformly), so that streams opened together do not end together; 0 to 1",
+		func(c *Config, v string) (err error) { c.LifetimeJitter, err = fraction(v); return }},
 	{"RELAY_REPLAY_WINDOW", strconv.Itoa(fanout.DefaultWindowEvents), "events kept in memory for Last-Event-ID resumes; also read back from Kafka per partition at start-up",
 		func(c *Config, v string) (err error) { c.ReplayWindow, err = positiveInt(v); return }},
 	{"RELAY_REPLAY_WINDOW_BYTES", strconv.Itoa(fanout.DefaultWindowBytes), "bytes of encoded frames kept for resumes (the window evicts past either bound)",
@@ -117,6 +124,8 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.MaxRecordBytes, err = positiveInt(v); return }},
 	{"RELAY_SHUTDOWN_TIMEOUT", "25s", "on SIGTERM, end every stream and exit within this",
 		func(c *Config, v string) (err error) { c.ShutdownTimeout, err = positiveDuration(v); return }},
+	{"RELAY_SHUTDOWN_SPREAD", "0", "on SIGTERM, end the open streams one by one spread evenly over this window (in a random order) instead of all at once, so their reconnects are spread too; below RELAY_SHUTDOWN_TIMEOUT",
+		func(c *Config, v string) (err error) { c.ShutdownSpread, err = nonNegativeDuration(v); return }},
 	{"RELAY_LOG_LEVEL", "info", "debug, info, warn or error",
 		func(c *Config, v string) error { return c.LogLevel.UnmarshalText([]byte(v)) }},
 	{"RELAY_LOG_FORMAT", "json", "json or text",
@@ -172,6 +181,10 @@ func Load(args []string, getenv func(string) string, out io.Writer) (*Config, er
 // validate checks what spans settings. Demo mode supplies its own Kafka,
 // store and secret.
 func (c *Config) validate() error {
+	if c.ShutdownSpread >= c.ShutdownTimeout {
+		// The streams still open at the timeout are cut, not ended cleanly.
+		return fmt.Errorf("RELAY_SHUTDOWN_SPREAD (%v) must be below RELAY_SHUTDOWN_TIMEOUT (%v)", c.ShutdownSpread, c.ShutdownTimeout)
+	}
 	if c.Demo {
 		return nil
 	}
@@ -260,6 +273,15 @@ func ipsOrCIDRs(v string) ([]string, error) {
 		}
 	}
 	return list, nil
+}
+
+// fraction is a number from 0 to 1.
+func fraction(v string) (float64, error) {
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil || !(f >= 0 && f <= 1) {
+		return 0, errors.New("want a number from 0 to 1, such as 0.2")
+	}
+	return f, nil
 }
 
 func nonEmpty(v string) error {

@@ -39,7 +39,8 @@ func TestDefaultsAndPrecedence(t *testing.T) {
 		c.SubscriberBuffer != 256 || c.SnapshotLimit != 50 || c.ShutdownTimeout != 25*time.Second || c.LogFormat != "json" ||
 		c.Retry != 3*time.Second || c.ReplayWindow != 10000 || len(c.KafkaBrokers) != 2 || c.KafkaBrokers[1] != "k2:9092" ||
 		c.FlushInterval != 5*time.Millisecond || c.SendBuffer != 1<<20 || c.JWTLeeway != 5*time.Second ||
-		c.UserTimeout != 30*time.Second || c.TrustedProxies != nil {
+		c.UserTimeout != 30*time.Second || c.TrustedProxies != nil || c.MaxLifetime != 0 || c.LifetimeJitter != 0.2 ||
+		c.ShutdownSpread != 0 {
 		t.Fatalf("defaults: %+v", c)
 	}
 	c, err = Load([]string{"--sse-max-per-user", "9", "--listen-addr=:9000"}, env(with(map[string]string{"RELAY_SSE_MAX_PER_USER": "3"})), &bytes.Buffer{})
@@ -89,6 +90,18 @@ func TestInvalidSettings(t *testing.T) {
 			`RELAY_TRUSTED_PROXIES (--trusted-proxies): "fe80::1%eth0": "fe80::1%eth0" is not an IP address or CIDR`},
 		{"trusted proxy CIDR out of range", with(map[string]string{"RELAY_TRUSTED_PROXIES": "10.0.0.0/33"}), nil,
 			`RELAY_TRUSTED_PROXIES (--trusted-proxies): "10.0.0.0/33": "10.0.0.0/33" is not an IP address or CIDR`},
+		{"negative max lifetime", with(map[string]string{"RELAY_SSE_MAX_LIFETIME": "-1m"}), nil,
+			`RELAY_SSE_MAX_LIFETIME (--sse-max-lifetime): "-1m": want a duration such as 5ms, or 0`},
+		{"jitter above 1", with(map[string]string{"RELAY_SSE_LIFETIME_JITTER": "1.5"}), nil,
+			`RELAY_SSE_LIFETIME_JITTER (--sse-lifetime-jitter): "1.5": want a number from 0 to 1`},
+		{"jitter not a number", with(map[string]string{"RELAY_SSE_LIFETIME_JITTER": "NaN"}), nil,
+			`RELAY_SSE_LIFETIME_JITTER (--sse-lifetime-jitter): "NaN": want a number from 0 to 1`},
+		{"negative shutdown spread", with(map[string]string{"RELAY_SHUTDOWN_SPREAD": "-1s"}), nil,
+			`RELAY_SHUTDOWN_SPREAD (--shutdown-spread): "-1s": want a duration such as 5ms, or 0`},
+		{"shutdown spread not below the timeout", with(map[string]string{"RELAY_SHUTDOWN_SPREAD": "25s"}), nil,
+			"RELAY_SHUTDOWN_SPREAD (25s) must be below RELAY_SHUTDOWN_TIMEOUT (25s)"},
+		{"shutdown spread past the timeout, in demo mode too", map[string]string{"RELAY_DEMO": "true", "RELAY_SHUTDOWN_TIMEOUT": "5s", "RELAY_SHUTDOWN_SPREAD": "10s"}, nil,
+			"RELAY_SHUTDOWN_SPREAD (10s) must be below RELAY_SHUTDOWN_TIMEOUT (5s)"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -172,5 +185,27 @@ func TestZeroFlushIntervalAndSendBuffer(t *testing.T) {
 	}
 	if c.FlushInterval != 0 || c.SendBuffer != 0 {
 		t.Fatalf("flush interval %v, send buffer %d, want 0 and 0", c.FlushInterval, c.SendBuffer)
+	}
+}
+
+// A stream lifetime with its jitter (0 and 1 included) and a shutdown spread
+// below the shutdown timeout are accepted.
+func TestLifetimeAndSpread(t *testing.T) {
+	for _, tc := range []struct {
+		args     []string
+		lifetime time.Duration
+		jitter   float64
+		spread   time.Duration
+	}{
+		{[]string{"--sse-max-lifetime", "30m", "--sse-lifetime-jitter", "0", "--shutdown-spread", "10s"}, 30 * time.Minute, 0, 10 * time.Second},
+		{[]string{"--sse-max-lifetime", "2s", "--sse-lifetime-jitter", "1", "--shutdown-spread", "24.9s"}, 2 * time.Second, 1, 24900 * time.Millisecond},
+	} {
+		c, err := Load(tc.args, env(valid), &bytes.Buffer{})
+		if err != nil {
+			t.Fatalf("%q: %v", tc.args, err)
+		}
+		if c.MaxLifetime != tc.lifetime || c.LifetimeJitter != tc.jitter || c.ShutdownSpread != tc.spread {
+			t.Errorf("%q: lifetime %v jitter %v spread %v", tc.args, c.MaxLifetime, c.LifetimeJitter, c.ShutdownSpread)
+		}
 	}
 }

@@ -62,6 +62,12 @@ type Config struct {
 	MaxConnections int           // global stream cap (503 past it)
 	Keepalive      time.Duration // comment frame after this long without a frame
 	Retry          time.Duration // the retry: hint sent once per stream
+	// MaxLifetime, if not 0, ends each stream between frames after at most
+	// this long (less by up to LifetimeJitter of it, at random), so that
+	// browsers resume through the load balancer and viewers spread onto
+	// replicas added since (viewer.go, streamLifetime).
+	MaxLifetime    time.Duration
+	LifetimeJitter float64
 	SnapshotLimit  int
 	// DBTimeout bounds every database call of a connect, so a dead database
 	// answers 503 quickly instead of hanging the viewer.
@@ -93,7 +99,7 @@ type Config struct {
 	// user has one at most. Each holds its slot until its frames are written.
 	ReadBacks int
 	// ConsumerReady reports whether the Kafka consumer runs and has filled the
-	// replay window at start-up (readiness).
+	// replay window at start-up (readiness, and /startupz).
 	ConsumerReady func() bool
 }
 
@@ -161,6 +167,7 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 	e.GET(EventsPath, s.events)
 	e.GET("/healthz", func(c *gin.Context) { c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("ok\n")) })
 	e.GET("/readyz", s.readyz)
+	e.GET("/startupz", s.startupz)
 	if cfg.Gatherer != nil {
 		e.GET("/metrics", gin.WrapH(promhttp.HandlerFor(cfg.Gatherer, promhttp.HandlerOpts{})))
 	}
@@ -206,6 +213,19 @@ func (s *Server) fail(c *gin.Context, code int, body []byte) {
 	c.Abort()
 }
 
+// startupz answers 200 once the start-up read of Kafka is done (or given
+// up: Kafka unreachable, or past its bound), else 503: Kubernetes' startup
+// probe, which holds the readiness probe back until then. Unlike /readyz it
+// does not look at the database, so a database down at start-up does not
+// get the container restarted when the startup probe gives up.
+func (s *Server) startupz(c *gin.Context) {
+	if !s.cfg.ConsumerReady() {
+		c.Data(http.StatusServiceUnavailable, "application/json", detail(errConsumerStopped.Error()))
+		return
+	}
+	c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("started\n"))
+}
+
 func (s *Server) readyz(c *gin.Context) {
 	var err error
 	switch {
@@ -246,11 +266,19 @@ func (s *Server) recover(c *gin.Context) {
 	c.Next()
 }
 
+// probePaths are asked every few seconds by the kubelet and Prometheus:
+// logged at debug, or each pod would log a line every few seconds at info.
+var probePaths = map[string]bool{"/healthz": true, "/readyz": true, "/startupz": true, "/metrics": true}
+
 // accessLog logs the path, never the query: the token may be there.
 func (s *Server) accessLog(c *gin.Context) {
 	start := time.Now()
 	c.Next()
-	s.log.Info("request", "method", c.Request.Method, "path", c.Request.URL.Path,
+	level := slog.LevelInfo
+	if probePaths[c.Request.URL.Path] {
+		level = slog.LevelDebug
+	}
+	s.log.Log(c.Request.Context(), level, "request", "method", c.Request.Method, "path", c.Request.URL.Path,
 		"status", c.Writer.Status(), "duration", time.Since(start).String(), "remote", c.ClientIP())
 }
 

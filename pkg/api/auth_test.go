@@ -157,6 +157,7 @@ type harness struct {
 	mu       sync.Mutex
 	tokens   []string   // every credential sent, to look for in the logs
 	accepted []net.Conn // the server's side of every connection
+	lastBody io.Reader  // the body of the last stream resumeFrom opened
 }
 
 // recordingListener hands h every connection the server accepts.

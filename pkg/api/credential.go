@@ -14,7 +14,7 @@ import (
 // revocation, a moved cut-off or a role change at most AuthCacheTTL (plus
 // one lookup) after the database does. The timer's own goroutine does the
 // check, not run, so a slow database never holds up frames; run only
-// watches credentialEnd, which is closed when the credential is refused.
+// watches v.ending, which endFor closes when the credential is refused.
 
 // minRecheck spaces re-checks whose lookups were not cached: after a
 // failed lookup, or with no cache at all.
@@ -38,7 +38,7 @@ func (v *viewer) checkCredential() {
 	}
 	if !time.Now().Before(v.cred.ExpiresAt.Time) {
 		s.log.Info("token expired; ending its stream")
-		close(v.credentialEnd)
+		v.endFor(reasonCredential)
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DBTimeout)
@@ -56,7 +56,7 @@ func (v *viewer) checkCredential() {
 		v.recheckFailed = true
 	case code != 0:
 		s.log.Info("credential no longer valid; ending its stream", "status", code)
-		close(v.credentialEnd)
+		v.endFor(reasonCredential)
 		return
 	default:
 		v.recheckFailed = false

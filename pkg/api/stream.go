@@ -63,7 +63,7 @@ func (s *Server) events(c *gin.Context) {
 		s.fail(c, http.StatusServiceUnavailable, bodyGlobalCap)
 		return
 	}
-	v := &viewer{s: s, user: user, cred: cl, recheck: recheck, credentialEnd: make(chan struct{})}
+	v := &viewer{s: s, user: user, cred: cl, recheck: recheck, ending: make(chan struct{})}
 	defer func() {
 		if v.conn == nil { // not handed over to a stream: give the slot back
 			s.limits.release(user)
@@ -104,7 +104,7 @@ func (s *Server) events(c *gin.Context) {
 		s.fail(c, http.StatusInternalServerError, detail("Streaming unsupported"))
 		return
 	}
-	if !s.streams.add(conn) { // shutting down since the checks above (the slot goes back in the defer)
+	if !s.streams.add(conn, v) { // shutting down since the checks above (the slot goes back in the defer)
 		v.sub.Close()
 		v.readBackDone()
 		_ = conn.Close()

@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
@@ -47,6 +48,7 @@ const (
 	reasonWriteError fanout.Reason = "write_error"
 	reasonInternal   fanout.Reason = "internal"
 	reasonCredential fanout.Reason = "credential" // the token expired or a re-check refused it (credential.go)
+	reasonLifetime   fanout.Reason = "lifetime"   // the stream reached its lifetime (MaxLifetime)
 )
 
 // viewer is one admitted stream. Its goroutine (run) is the only writer of conn.
@@ -66,13 +68,41 @@ type viewer struct {
 	cut          atomic.Pointer[net.Conn]
 	lastDeadline time.Time
 	lastWrite    time.Time // the keepalive timer is not reset per batch, only checked against this
-	// The credential the stream was opened with, when to re-check it, and
-	// what watchCredential closes to end the stream (credential.go).
+	// The credential the stream was opened with and when to re-check it (credential.go).
 	cred          *claims
 	recheck       time.Time
-	credentialEnd chan struct{}
 	credTimer     *time.Timer
 	recheckFailed bool // the last re-check could not reach the database
+	lifeTimer     *time.Timer
+	// ending is closed by endFor, with endReason set first.
+	ending    chan struct{}
+	endOnce   sync.Once
+	endReason fanout.Reason
+}
+
+// endFor asks run to end the stream between frames, counted as r: its
+// credential was refused, it reached its lifetime, or its turn came in a
+// spread shutdown. The first reason stays. Any goroutine may call it.
+func (v *viewer) endFor(r fanout.Reason) {
+	v.endOnce.Do(func() {
+		v.endReason = r
+		close(v.ending)
+	})
+}
+
+// watchLifetime ends the stream at its lifetime, if it has one.
+func (v *viewer) watchLifetime() {
+	if d := streamLifetime(v.s.cfg.MaxLifetime, v.s.cfg.LifetimeJitter, rand.Float64()); d > 0 {
+		v.lifeTimer = time.AfterFunc(d, func() { v.endFor(reasonLifetime) })
+	}
+}
+
+// streamLifetime is a stream's lifetime for u drawn uniformly from [0, 1):
+// uniform in (max×(1−jitter), max], so that streams opened together (by a
+// rollout, after a scale-up) do not all end together, and none outlives max
+// (a proxy's own limit can sit just above it). 0 when max is 0: no limit.
+func streamLifetime(max time.Duration, jitter, u float64) time.Duration {
+	return max - time.Duration(jitter*u*float64(max))
 }
 
 // onEnd is called once by whoever ends the subscription: a viewer dropped as
@@ -279,6 +309,7 @@ func (v *viewer) run(o opening) {
 
 	go v.watchClose()
 	v.watchCredential()
+	v.watchLifetime()
 
 	if _, err := v.conn.Write(v.responseHead()); err != nil {
 		v.readBackDone()
@@ -304,11 +335,15 @@ func (v *viewer) run(o opening) {
 				_ = v.endResponse()
 			}
 			return
-		case <-v.credentialEnd:
-			// No more frames for this credential; the browser reconnects
-			// and gets the 401 or 403 a new connection would.
-			v.sub.End(reasonCredential)
-			_ = v.endResponse()
+		case <-v.ending:
+			// The browser reconnects, resuming with its Last-Event-ID
+			// (through the load balancer, so maybe elsewhere), or gets the
+			// 401 or 403 a new connection would: a refused credential gets
+			// no more frames, the other ends what is already queued.
+			v.sub.End(v.endReason)
+			if v.endReason == reasonCredential || v.queued(nil) == nil {
+				_ = v.endResponse()
+			}
 			return
 		case next := <-queue:
 			if err := v.queued(next); err != nil {
@@ -341,6 +376,9 @@ func (v *viewer) finish(start time.Time) {
 	v.sub.End(reasonWriteError) // the first reason stays: this one when no other came first
 	reason := v.sub.Reason()
 	v.credTimer.Stop()
+	if v.lifeTimer != nil {
+		v.lifeTimer.Stop()
+	}
 	if reason == fanout.ReasonSlow {
 		// Reset instead of a graceful close: the kernel would otherwise keep
 		// the unsent frames (up to tcp_wmem's maximum, 4 MiB by default) for
@@ -393,23 +431,34 @@ func (v *viewer) watchClose() {
 // once they are taken over.
 type streamSet struct {
 	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
+	conns  map[net.Conn]*viewer
 	closed bool
 	idle   chan struct{} // closed when the last stream ends after close
 }
 
-// add registers conn; false once the set is closed (shutting down).
-func (s *streamSet) add(conn net.Conn) bool {
+// add registers conn, streamed to v; false once the set is closed (shutting down).
+func (s *streamSet) add(conn net.Conn, v *viewer) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return false
 	}
 	if s.conns == nil {
-		s.conns = map[net.Conn]struct{}{}
+		s.conns = map[net.Conn]*viewer{}
 	}
-	s.conns[conn] = struct{}{}
+	s.conns[conn] = v
 	return true
+}
+
+// viewers returns the viewers of the open streams.
+func (s *streamSet) viewers() []*viewer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*viewer, 0, len(s.conns))
+	for _, v := range s.conns {
+		out = append(out, v)
+	}
+	return out
 }
 
 func (s *streamSet) done(conn net.Conn) {

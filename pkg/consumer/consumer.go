@@ -55,6 +55,9 @@ type Consumer struct {
 	start   time.Time
 	running atomic.Bool
 	filled  atomic.Bool // the start-up backfill has reached the end of every partition
+	// answered is when Kafka last answered the client (UnixNano): the
+	// consumer's silence, which readiness deliberately ignores (README).
+	answered atomic.Int64
 
 	// startEnds holds, per partition that existed at start-up, its end
 	// offset then: records below it are backfill. Run's goroutine only.
@@ -120,7 +123,12 @@ func New(cfg Config, sink Sink) (*Consumer, error) {
 		Name: "relay_consumer_paced_seconds_total",
 		Help: "Time the consumer waited because more than a quarter of the viewers were far behind (the relay's writes, not Kafka, were the limit).",
 	})
-	for _, col := range []prometheus.Collector{c.consumed, c.skipped, c.lag, c.paced} {
+	c.answered.Store(c.start.UnixNano())
+	silence := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "relay_consumer_kafka_silence_seconds",
+		Help: "Seconds since Kafka last answered the consumer (fetches are answered every 0.5 s while it is reachable). A replica stays ready while Kafka does not answer: alert on one replica's silence while the others' is low.",
+	}, func() float64 { return time.Since(time.Unix(0, c.answered.Load())).Seconds() })
+	for _, col := range []prometheus.Collector{c.consumed, c.skipped, c.lag, c.paced, silence} {
 		if err := cfg.Registerer.Register(col); err != nil {
 			return nil, fmt.Errorf("consumer: metrics: %w", err)
 		}
@@ -180,8 +188,18 @@ func (c *Consumer) clientOpts(start kgo.Offset) []kgo.Opt {
 		kgo.MetadataMinAge(metadataMinAge),
 		kgo.FetchMaxWait(fetchMaxWait),
 		kgo.ClientID("identity-relay"),
+		kgo.WithHooks(answerHook{c}),
 	}
 	return opts
+}
+
+// answerHook notes each answer a broker gives the consuming client.
+type answerHook struct{ c *Consumer }
+
+func (h answerHook) OnBrokerE2E(_ kgo.BrokerMetadata, _ int16, e2e kgo.BrokerE2E) {
+	if e2e.Err() == nil {
+		h.c.answered.Store(time.Now().UnixNano())
+	}
 }
 
 // connect learns the end offset of every matching partition and builds the
