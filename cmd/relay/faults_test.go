@@ -331,7 +331,7 @@ func restartKafkaAtCleanup(t *testing.T) {
 	t.Cleanup(func() { testenv.StartKafka(t) })
 }
 
-// TestBrokerOutageKeepsViewers guards: a 20 s broker outage under 100 streams drops nobody, keepalives go on, and every later event reaches every viewer.
+// TestBrokerOutageKeepsViewers guards: a 20 s broker outage under 100 streams drops nobody, keepalives go on, /readyz stays 200, a viewer arriving during it is served, every later event reaches every viewer once, and the consumer's silence is visible in /metrics.
 func TestBrokerOutageKeepsViewers(t *testing.T) {
 	const viewers, after = 100, 20
 	env, topic := resumeEnv(t, map[string]string{
@@ -348,8 +348,24 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 	restartKafkaAtCleanup(t)
 	testenv.StopKafka(t)
 	down := time.Now()
-	time.Sleep(20 * time.Second)
+	// Readiness ignores Kafka (README, "Streams, replicas and Kafka
+	// outages"): /readyz stays 200 throughout, and a viewer arriving
+	// meanwhile is served its snapshot, then the events once Kafka is back.
+	var late *sseViewer
+	for time.Since(down) < 20*time.Second {
+		if code := statusOf(r.URL + "/readyz"); code != http.StatusOK {
+			t.Fatalf("/readyz answered %d %v into the broker outage, want 200", code, time.Since(down).Round(time.Millisecond))
+		}
+		if late == nil && time.Since(down) > 10*time.Second {
+			late = openViewer(t, streamClient(t), r.URL, token)
+			expectStarted(t, []*sseViewer{late}, 30*time.Second)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 	up := time.Now()
+	if silence := relaytest.Metric(t, r.URL, "relay_consumer_kafka_silence_seconds"); silence < up.Sub(down).Seconds()-1 {
+		t.Fatalf("relay_consumer_kafka_silence_seconds = %v after a %v outage", silence, up.Sub(down).Round(time.Second))
+	}
 
 	stillRunning(t, r)
 	for i, v := range vs {
@@ -363,8 +379,8 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 				i, n, up.Sub(last).Round(time.Millisecond))
 		}
 	}
-	if n := relaytest.Metric(t, r.URL, "relay_viewers_connected"); n != viewers {
-		t.Fatalf("relay_viewers_connected = %v during the outage, want %d", n, viewers)
+	if n := relaytest.Metric(t, r.URL, "relay_viewers_connected"); n != viewers+1 {
+		t.Fatalf("relay_viewers_connected = %v during the outage, want %d", n, viewers+1)
 	}
 
 	testenv.StartKafka(t)
@@ -373,6 +389,8 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 	produceSeq(t, cl2, topic, 1, 1, 1+after)
 	waitViewers(t, vs, 90*time.Second, "the events produced after the restart",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 1+after })
+	waitViewers(t, []*sseViewer{late}, 30*time.Second, "the events produced after the restart",
+		func(v *sseViewer) bool { return len(v.liveEvents()) >= after })
 	t.Logf("all %d viewers had the %d post-restart events %v after the broker was back",
 		viewers, after, time.Since(restarted).Round(time.Millisecond))
 	time.Sleep(500 * time.Millisecond) // a duplicate would arrive now
@@ -381,6 +399,13 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 		if ended, err := v.ended(); ended {
 			t.Fatalf("viewer %d ended: %v", i, err)
 		}
+	}
+	wantSeqs(t, "the viewer that arrived during the outage", eventSeqs(t, late.liveEvents(), topic), 1, 1+after)
+	for deadline := time.Now().Add(30 * time.Second); relaytest.Metric(t, r.URL, "relay_consumer_kafka_silence_seconds") > 5; {
+		if time.Now().After(deadline) {
+			t.Fatal("relay_consumer_kafka_silence_seconds still above 5 s 30 s after the broker came back")
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	stillRunning(t, r)
 	for _, reason := range []string{"slow", "write_error", "client_gone", "client_sent", "internal", "shutdown"} {
@@ -603,13 +628,25 @@ func TestDatabaseOutage(t *testing.T) {
 	}
 }
 
-// TestSIGTERMWithThousandStreams guards: SIGTERM with 1,000 streams: each ends cleanly on a frame boundary, exit 0 within RELAY_SHUTDOWN_TIMEOUT.
+// TestSIGTERMWithThousandStreams guards: SIGTERM with 1,000 streams: each ends cleanly on a frame boundary, exit 0 within RELAY_SHUTDOWN_TIMEOUT; and so with 200 streams ended one by one over RELAY_SHUTDOWN_SPREAD, every one of them in the plan.
 func TestSIGTERMWithThousandStreams(t *testing.T) {
-	const viewers = 1000
+	for _, tc := range []struct {
+		name    string
+		viewers int
+		spread  time.Duration
+	}{
+		{"all at once", 1000, 0},
+		{"spread over 2s", 200, 2 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) { sigtermWithStreams(t, tc.viewers, tc.spread) })
+	}
+}
+
+func sigtermWithStreams(t *testing.T, viewers int, spread time.Duration) {
 	const shutdownTimeout = 10 * time.Second
 	env, topic := resumeEnv(t, map[string]string{
 		"RELAY_SSE_MAX_PER_USER": "2000", "RELAY_LOG_LEVEL": "info",
-		"RELAY_SHUTDOWN_TIMEOUT": shutdownTimeout.String(),
+		"RELAY_SHUTDOWN_TIMEOUT": shutdownTimeout.String(), "RELAY_SHUTDOWN_SPREAD": spread.String(),
 	})
 	r, cl := startOnTopic(t, env, topic, 1)
 	token := viewerToken(t)
@@ -657,6 +694,12 @@ func TestSIGTERMWithThousandStreams(t *testing.T) {
 	}
 	if strings.Contains(r.Logs(), "streams still open at the shutdown timeout") {
 		t.Fatalf("streams were cut at the shutdown timeout:\n%s", r.Logs())
+	}
+	if planned := fmt.Sprintf(`"msg":"ending the open streams spread over a window","component":"api","streams":%d,`, viewers); spread > 0 && !strings.Contains(r.Logs(), planned) {
+		t.Fatalf("the log does not plan the end of all %d streams (%s):\n%s", viewers, planned, r.Logs())
+	}
+	if last := spread * time.Duration(viewers-1) / time.Duration(viewers); took < last {
+		t.Fatalf("exited %v after SIGTERM, before the last turn of the spread (at %v at the earliest)", took, last)
 	}
 
 	minEvents, maxEvents := 1<<30, 0

@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -392,4 +394,86 @@ func TestReconnectStormQueries(t *testing.T) {
 			t.Errorf("%s scanned %d times for %d viewers in %v, want at most %d", table, n, viewers, took, limit)
 		}
 	}
+}
+
+// TestLifetimeResumesExactlyOnce guards RELAY_SSE_MAX_LIFETIME against the
+// real broker: while events flow, each stream ends cleanly between frames
+// at its lifetime (counted as lifetime), the viewer reconnects once with
+// its last id, as EventSource does, and over all its streams gets every
+// event exactly once and in order, never a snapshot again.
+func TestLifetimeResumesExactlyOnce(t *testing.T) {
+	const n = 150
+	env, topic := resumeEnv(t, map[string]string{"RELAY_SSE_MAX_LIFETIME": "1s", "RELAY_SSE_LIFETIME_JITTER": "0.5"})
+	r, cl := startOnTopic(t, env, topic, 3)
+	token := viewerToken(t)
+
+	// Events flow all along, one every 25 ms: several lifetimes' worth.
+	produced := make(chan error, 1)
+	go func() {
+		for i := range n {
+			p := int32(i % 3)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := cl.ProduceSync(ctx, &kgo.Record{Topic: topic, Partition: p, Value: []byte(fmt.Sprintf(`{"p":%d,"seq":%d}`, p, i))}).FirstErr()
+			cancel()
+			if err != nil {
+				produced <- err
+				return
+			}
+			time.Sleep(25 * time.Millisecond)
+		}
+		produced <- nil
+	}()
+
+	c := newCollector(t)
+	ends := 0
+	s := relaytest.Dial(t, r.URL, token)
+	s.ExpectStart(t)
+	for !c.seen[n-1] {
+		f, err := s.NextOrEnd(30 * time.Second)
+		switch {
+		case errors.Is(err, io.EOF):
+			// Ended at its lifetime: resume once, from the last id. A
+			// stream that ended before its first event has no id yet, and
+			// starts again as a new viewer.
+			ends++
+			s.Close()
+			if c.lastID == "" {
+				s = relaytest.Dial(t, r.URL, token)
+				s.ExpectStart(t)
+				continue
+			}
+			s = relaytest.DialWith(t, r.URL, token, lastEventID(c.lastID))
+			openingFrames(t, s)
+			continue
+		case err != nil:
+			t.Fatalf("stream cut, not ended between frames: %v (partial %q)", err, f)
+		case strings.HasPrefix(f, ":"):
+			continue
+		}
+		c.takeFrame(f) // fails on a duplicate, a step back or a snapshot (no id)
+	}
+	s.Close()
+	if err := <-produced; err != nil {
+		t.Fatal(err)
+	}
+	first := n - 1
+	for seq := range c.seen {
+		first = min(first, seq)
+	}
+	for i := first; i < n; i++ {
+		if !c.seen[i] {
+			t.Fatalf("seq %d never delivered (received %d..%d with %d lifetime ends)", i, first, n-1, ends)
+		}
+	}
+	if ends == 0 {
+		t.Fatalf("no stream reached its lifetime over %d events", n)
+	}
+	if got := waitMetricAtLeast(t, r.URL, `relay_viewer_disconnects_total{reason="lifetime"}`, float64(ends), 10*time.Second); got != float64(ends) {
+		t.Fatalf(`relay_viewer_disconnects_total{reason="lifetime"} = %v, want %d`, got, ends)
+	}
+	resumed := relaytest.Metric(t, r.URL, `relay_resumes_total{via="window"}`)
+	if snap := relaytest.Metric(t, r.URL, `relay_resumes_total{via="snapshot"}`); snap != 0 || resumed < 1 {
+		t.Fatalf("resumes: %v from the window, %v with a snapshot; want some and none", resumed, snap)
+	}
+	t.Logf("seqs %d..%d over %d streams: %d lifetime ends, %v resumes from the window", first, n-1, ends+1, ends, resumed)
 }
