@@ -322,6 +322,23 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 		if grace <= need {
 			t.Errorf("terminationGracePeriodSeconds %v must exceed preStop %ds + drain %v = %v", grace, pre.Sleep.Seconds, drain, need)
 		}
+		// The spread of the stream ends fits in the drain, or the relay refuses to start.
+		raw, _ = envValue(t, b, c, "RELAY_SHUTDOWN_SPREAD")
+		if spread, err := time.ParseDuration(raw); err != nil || spread >= drain {
+			t.Errorf("RELAY_SHUTDOWN_SPREAD %q (%v) must be below RELAY_SHUTDOWN_TIMEOUT %v", raw, err, drain)
+		}
+	})
+
+	t.Run("startup probe waits for the start-up read", func(t *testing.T) {
+		// /startupz (the start-up read of Kafka done) holds the readiness probe back, and its
+		// bound covers the relay's own: 10 s to learn the end offsets plus 60 s to read.
+		p := c.StartupProbe
+		if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/startupz" || !containerHasPort(c, p.HTTPGet.Port) {
+			t.Fatalf("startup probe %+v, want an httpGet of /startupz on a container port", p)
+		}
+		if bound := p.PeriodSeconds * p.FailureThreshold; bound < 70 {
+			t.Errorf("startup probe gives up after %d s, before the relay's own 70 s bound", bound)
+		}
 	})
 
 	t.Run("readiness and liveness probes differ", func(t *testing.T) {
@@ -433,17 +450,24 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 	})
 
 	t.Run("rollout keeps capacity", func(t *testing.T) {
-		// maxSurge 1 / maxUnavailable 0 and a minReadySeconds: a rollout never drops capacity and
-		// replaces one pod of viewers at a time.
+		// A surge, maxUnavailable 0 and a minReadySeconds: a rollout never drops capacity. The
+		// progress deadline covers a healthy step: the startup probe's and the readiness probe's
+		// bounds plus minReadySeconds.
 		s := d.Spec.Strategy
 		if s.Type != appsv1.RollingUpdateDeploymentStrategyType || s.RollingUpdate == nil {
 			t.Fatalf("strategy %+v, want RollingUpdate", s)
 		}
-		if !intOrString(s.RollingUpdate.MaxSurge, 1) || !intOrString(s.RollingUpdate.MaxUnavailable, 0) {
-			t.Errorf("maxSurge %v / maxUnavailable %v, want 1 / 0", s.RollingUpdate.MaxSurge, s.RollingUpdate.MaxUnavailable)
+		if s.RollingUpdate.MaxSurge == nil || intOrString(s.RollingUpdate.MaxSurge, 0) || !intOrString(s.RollingUpdate.MaxUnavailable, 0) {
+			t.Errorf("maxSurge %v / maxUnavailable %v, want a surge / 0", s.RollingUpdate.MaxSurge, s.RollingUpdate.MaxUnavailable)
 		}
 		if d.Spec.MinReadySeconds <= 0 {
 			t.Errorf("minReadySeconds %d, want > 0", d.Spec.MinReadySeconds)
+		}
+		if st, r := c.StartupProbe, c.ReadinessProbe; st != nil && r != nil {
+			step := st.PeriodSeconds*st.FailureThreshold + r.PeriodSeconds*r.FailureThreshold + d.Spec.MinReadySeconds
+			if d.Spec.ProgressDeadlineSeconds == nil || *d.Spec.ProgressDeadlineSeconds < step {
+				t.Errorf("progressDeadlineSeconds %v, want at least the %d s a healthy step may take", d.Spec.ProgressDeadlineSeconds, step)
+			}
 		}
 		if _, ok := pod.Annotations["checksum/config"]; !ok {
 			t.Error("pod template has no checksum/config annotation")
@@ -514,6 +538,14 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 					t.Errorf("%s = %q, want >= 3600", k, a["nginx.ingress.kubernetes.io/"+k])
 				}
 			}
+			// A 503 from a draining or full pod is retried on another pod, not passed to the
+			// browser (EventSource gives up on it).
+			if next := strings.Fields(a["nginx.ingress.kubernetes.io/proxy-next-upstream"]); !slices.Contains(next, "http_503") || !slices.Contains(next, "error") {
+				t.Errorf("proxy-next-upstream = %q, want error and http_503 among its cases", a["nginx.ingress.kubernetes.io/proxy-next-upstream"])
+			}
+			if tries := atoiOrZero(a["nginx.ingress.kubernetes.io/proxy-next-upstream-tries"]); tries < 2 {
+				t.Errorf("proxy-next-upstream-tries = %q, want at least 2", a["nginx.ingress.kubernetes.io/proxy-next-upstream-tries"])
+			}
 			for _, r := range ing.Spec.Rules {
 				for _, p := range r.HTTP.Paths {
 					if !strings.HasPrefix(p.Path, "/api/") {
@@ -530,7 +562,7 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 
 	t.Run("HTTPRoute streams SSE", func(t *testing.T) {
 		// The Gateway API route points at the Service and sets timeouts long enough for streams
-		// (at least an hour, or 0s = none).
+		// (at least an hour, or 0s = none), above the relay's own stream lifetime.
 		svc := b.services[0]
 		for _, r := range b.httpRoutes {
 			rules := dig[[]any](t, r, "spec", "rules")
@@ -545,11 +577,16 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 						t.Errorf("backendRef %v, want %s:%d", ref, svc.Name, svc.Spec.Ports[0].Port)
 					}
 				}
+				lifetime, _ := time.ParseDuration(envOrFail(t, b, c, "RELAY_SSE_MAX_LIFETIME"))
 				for _, k := range []string{"request", "backendRequest"} {
 					raw := dig[string](t, rule, "timeouts", k)
 					dur, err := time.ParseDuration(raw)
 					if err != nil || (dur != 0 && dur < time.Hour) {
 						t.Errorf("timeouts.%s = %q, want >= 1h or 0s (%v)", k, raw, err)
+					}
+					// The relay ends a stream cleanly at its lifetime, before the gateway cuts it.
+					if dur != 0 && lifetime >= dur {
+						t.Errorf("timeouts.%s = %q does not exceed RELAY_SSE_MAX_LIFETIME %v", k, raw, lifetime)
 					}
 				}
 			}
@@ -855,6 +892,9 @@ func TestChecksumFollowsConfig(t *testing.T) {
 		{"log level", "config.logLevel=debug", true},
 		{"brokers", "config.kafkaBrokers=other:9092", true},
 		{"drain timeout", "shutdown.drainTimeoutSeconds=40", true},
+		{"shutdown spread", "shutdown.spreadSeconds=5", true},
+		{"stream lifetime", "config.sseMaxLifetime=10m", true},
+		{"rollout surge", "rollout.maxSurge=1", false},
 		{"audience added", "config.jwtAudience=web", true},
 	}
 	for _, tc := range cases {
@@ -901,9 +941,14 @@ func TestBadValuesAreRejected(t *testing.T) {
 		{"bad enum", append(slices.Clone(withSecret), "--set", "config.logFormat=xml"), "logFormat"},
 		{"bad user timeout", append(slices.Clone(withSecret), "--set", "config.sseUserTimeout=soon"), "sseUserTimeout"},
 		{"trusted proxies as a string", append(slices.Clone(withSecret), "--set", "config.trustedProxies=10.0.0.0/8"), "trustedProxies"},
-		{"grace period too short", append(slices.Clone(withSecret), "--set", "shutdown.terminationGracePeriodSeconds=30"), "must be greater than shutdown.preStopSleepSeconds + shutdown.drainTimeoutSeconds"},
+		{"grace period too short", append(slices.Clone(withSecret), "--set", "shutdown.terminationGracePeriodSeconds=35"), "must be greater than shutdown.preStopSleepSeconds + shutdown.drainTimeoutSeconds"},
 		{"HPA max below min", append(slices.Clone(withSecret), "--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=5", "--set", "autoscaling.maxReplicas=2"), "autoscaling.maxReplicas (2) must be >= autoscaling.minReplicas (5)"},
 		{"HTTPRoute without gateway", append(slices.Clone(withSecret), "--set", "httpRoute.enabled=true"), "httpRoute.parentRefs needs at least one Gateway"},
+		{"spread not below the drain", append(slices.Clone(withSecret), "--set", "shutdown.spreadSeconds=25"), "shutdown.spreadSeconds (25) must be below shutdown.drainTimeoutSeconds (25)"},
+		{"jitter above 1", append(slices.Clone(withSecret), "--set", "config.sseLifetimeJitter=1.5"), "sseLifetimeJitter"},
+		{"bad lifetime", append(slices.Clone(withSecret), "--set", "config.sseMaxLifetime=soon"), "sseMaxLifetime"},
+		{"surge of 0", append(slices.Clone(withSecret), "--set", "rollout.maxSurge=0"), "maxSurge"},
+		{"surge not a percentage", append(slices.Clone(withSecret), "--set", "rollout.maxSurge=all"), "maxSurge"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -931,9 +976,9 @@ func TestExplicitGracePeriod(t *testing.T) {
 		set  []string
 		want int64
 	}{
-		{"derived default", nil, 5 + 25 + 5},
-		{"derived longer drain", []string{"shutdown.drainTimeoutSeconds=50"}, 5 + 50 + 5},
-		{"explicit", []string{"shutdown.terminationGracePeriodSeconds=31"}, 31},
+		{"derived default", nil, 10 + 25 + 5},
+		{"derived longer drain", []string{"shutdown.drainTimeoutSeconds=50"}, 10 + 50 + 5},
+		{"explicit", []string{"shutdown.terminationGracePeriodSeconds=36"}, 36},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -989,6 +1034,52 @@ func TestConnectionSettings(t *testing.T) {
 			t.Errorf("%q: RELAY_TRUSTED_PROXIES %q, want %q", tc.set, got, tc.proxies)
 		}
 		checkInvariants(t, b, secretName)
+	}
+}
+
+// TestRolloutAndStreamLifetime guards the chart's defaults for a rollout that moves each viewer
+// once (surge 100%, preStop 10 s, streams ended over 10 s, the derived progress deadline) and for
+// the stream lifetime (30m, jitter 0.2), and that each can be changed.
+func TestRolloutAndStreamLifetime(t *testing.T) {
+	requireHelm(t)
+	for _, tc := range []struct {
+		name                     string
+		set                      []string
+		surge                    intstr.IntOrString
+		deadline, preStop        int64
+		spread, lifetime, jitter string
+	}{
+		{"defaults", nil, intstr.FromString("100%"), 60 + 90 + 10 + 10, 10, "10s", "30m", "0.2"},
+		{"surge of one, explicit deadline", []string{"rollout.maxSurge=1", "rollout.progressDeadlineSeconds=600"}, intstr.FromInt32(1), 600, 10, "10s", "30m", "0.2"},
+		{"shorter startup bound", []string{"probes.startup.failureThreshold=75", "minReadySeconds=5"}, intstr.FromString("100%"), 60 + 75 + 10 + 5, 10, "10s", "30m", "0.2"},
+		{"no spread, no lifetime", []string{"shutdown.spreadSeconds=0", "shutdown.preStopSleepSeconds=5", "config.sseMaxLifetime=0s", "config.sseLifetimeJitter=0"}, intstr.FromString("100%"), 170, 5, "0s", "0s", "0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := []string{"--set", "existingSecret.name=" + secretName}
+			for _, s := range tc.set {
+				args = append(args, "--set", s)
+			}
+			b := mustRender(t, args...)
+			d := b.deployments[0]
+			c := relayContainer(t, d)
+			if got := d.Spec.Strategy.RollingUpdate.MaxSurge; got == nil || *got != tc.surge {
+				t.Errorf("maxSurge %v, want %v", got, tc.surge.String())
+			}
+			if got := d.Spec.ProgressDeadlineSeconds; got == nil || int64(*got) != tc.deadline {
+				t.Errorf("progressDeadlineSeconds %v, want %d", got, tc.deadline)
+			}
+			if got := c.Lifecycle.PreStop.Sleep.Seconds; got != tc.preStop {
+				t.Errorf("preStop sleep %d s, want %d", got, tc.preStop)
+			}
+			for name, want := range map[string]string{
+				"RELAY_SHUTDOWN_SPREAD": tc.spread, "RELAY_SSE_MAX_LIFETIME": tc.lifetime, "RELAY_SSE_LIFETIME_JITTER": tc.jitter,
+			} {
+				if got, src := envValue(t, b, c, name); got != want || src != "configmap" {
+					t.Errorf("%s = %q from %s, want %q from the ConfigMap", name, got, src, want)
+				}
+			}
+			checkInvariants(t, b, secretName)
+		})
 	}
 }
 

@@ -119,6 +119,8 @@ RELAY_SUBSCRIBER_BUFFER: {{ .Values.config.subscriberBuffer | int | quote }}
 RELAY_SSE_FLUSH_INTERVAL: {{ .Values.config.sseFlushInterval | quote }}
 RELAY_SSE_SEND_BUFFER: {{ .Values.config.sseSendBuffer | int | quote }}
 RELAY_SSE_USER_TIMEOUT: {{ .Values.config.sseUserTimeout | quote }}
+RELAY_SSE_MAX_LIFETIME: {{ .Values.config.sseMaxLifetime | quote }}
+RELAY_SSE_LIFETIME_JITTER: {{ .Values.config.sseLifetimeJitter | toString | quote }}
 {{- with .Values.config.trustedProxies }}
 RELAY_TRUSTED_PROXIES: {{ join "," . | quote }}
 {{- end }}
@@ -126,6 +128,34 @@ RELAY_SNAPSHOT_LIMIT: {{ .Values.config.snapshotLimit | int | quote }}
 RELAY_DATABASE_TIMEOUT: {{ .Values.config.databaseTimeout | quote }}
 RELAY_MAX_RECORD_BYTES: {{ .Values.config.maxRecordBytes | int | quote }}
 RELAY_SHUTDOWN_TIMEOUT: {{ printf "%ds" (.Values.shutdown.drainTimeoutSeconds | int) | quote }}
+RELAY_SHUTDOWN_SPREAD: {{ printf "%ds" (include "relay.spreadSeconds" . | int) | quote }}
 RELAY_LOG_LEVEL: {{ .Values.config.logLevel | quote }}
 RELAY_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+{{- end }}
+
+{{/*
+shutdown.spreadSeconds, which must be below the drain timeout: the relay refuses to start
+otherwise (RELAY_SHUTDOWN_SPREAD must be below RELAY_SHUTDOWN_TIMEOUT).
+*/}}
+{{- define "relay.spreadSeconds" -}}
+{{- $s := .Values.shutdown }}
+{{- if ge ($s.spreadSeconds | int) ($s.drainTimeoutSeconds | int) }}
+{{- fail (printf "shutdown.spreadSeconds (%d) must be below shutdown.drainTimeoutSeconds (%d): the streams still open at the drain timeout are cut, not ended cleanly" ($s.spreadSeconds | int) ($s.drainTimeoutSeconds | int)) }}
+{{- end }}
+{{- $s.spreadSeconds | int }}
+{{- end }}
+
+{{/*
+progressDeadlineSeconds: the explicit value, or the longest a healthy step of a rollout may take:
+schedule and pull, the startup probe's bound, the readiness probe's, then minReadySeconds.
+*/}}
+{{- define "relay.progressDeadlineSeconds" -}}
+{{- $r := .Values.rollout }}
+{{- if $r.progressDeadlineSeconds }}
+{{- $r.progressDeadlineSeconds | int }}
+{{- else }}
+{{- $st := .Values.probes.startup }}
+{{- $rd := .Values.probes.readiness }}
+{{- add ($r.pullMarginSeconds | int) (mul ($st.periodSeconds | int) ($st.failureThreshold | int)) (mul ($rd.periodSeconds | int) ($rd.failureThreshold | int)) (.Values.minReadySeconds | int) }}
+{{- end }}
 {{- end }}
