@@ -223,24 +223,7 @@ func publishSeq(t *testing.T, b *fanout.Broadcaster, n int) {
 // expectSeq reads the next frame and checks it is {"seq":n}.
 func expectSeq(t *testing.T, br *bufio.Reader, n int) {
 	t.Helper()
-	done := make(chan string, 1)
-	go func() {
-		var frame strings.Builder
-		for !strings.HasSuffix(frame.String(), "\n\n") {
-			line, err := br.ReadString('\n')
-			frame.WriteString(line)
-			if err != nil {
-				break
-			}
-		}
-		done <- frame.String()
-	}()
-	select {
-	case f := <-done:
-		if want := fmt.Sprintf(`"payload":{"seq":%d}`, n); !strings.Contains(f, want) {
-			t.Fatalf("frame %q, want one with %s", f, want)
-		}
-	case <-time.After(10 * time.Second): // bounds a hang only
-		t.Fatalf("seq %d not received", n)
+	if f, want := readFrame(t, br), fmt.Sprintf(`"payload":{"seq":%d}`, n); !strings.Contains(string(f.Raw), want) {
+		t.Fatalf("frame %q, want one with %s", f.Raw, want)
 	}
 }
