@@ -98,11 +98,12 @@ func (v *viewer) watchLifetime() {
 }
 
 // streamLifetime is a stream's lifetime for u drawn uniformly from [0, 1):
-// uniform in (max×(1−jitter), max], so that streams opened together (by a
-// rollout, after a scale-up) do not all end together, and none outlives max
-// (a proxy's own limit can sit just above it). 0 when max is 0: no limit.
-func streamLifetime(max time.Duration, jitter, u float64) time.Duration {
-	return max - time.Duration(jitter*u*float64(max))
+// uniform in (longest×(1−jitter), longest], so that streams opened together
+// (by a rollout, after a scale-up) do not all end together, and none
+// outlives longest (a proxy's own limit can sit just above it). 0 when
+// longest is 0: no limit.
+func streamLifetime(longest time.Duration, jitter, u float64) time.Duration {
+	return longest - time.Duration(jitter*u*float64(longest))
 }
 
 // onEnd is called once by whoever ends the subscription: a viewer dropped as
