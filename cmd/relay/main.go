@@ -99,6 +99,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		UserTimeout: cfg.UserTimeout, TrustedProxies: cfg.TrustedProxies,
 		Logger: log, Registerer: reg, Gatherer: reg, ConsumerReady: cons.Ready,
 		History: history, ReadBacks: historyReads,
+		Peers: cfg.Peers, RebalanceInterval: cfg.RebalanceInterval, RebalanceTolerance: cfg.RebalanceTol,
 	}, st, hub)
 	if err != nil {
 		return err
@@ -118,6 +119,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	go func() { consDone <- cons.Run(consCtx) }()
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- httpSrv.Serve(ln) }()
+	// Rebalancing stops before the shutdown begins: a draining replica
+	// moves all its viewers anyway.
+	rebalCtx, stopRebalance := context.WithCancel(ctx)
+	defer stopRebalance()
+	go srv.Rebalance(rebalCtx)
 
 	log.Info("relay listening", "addr", ln.Addr().String(), "demo", cfg.Demo)
 	if dm != nil {

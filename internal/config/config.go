@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"net/url"
 	"regexp"
@@ -55,6 +56,9 @@ type Config struct {
 	MaxRecordBytes    int           // RELAY_MAX_RECORD_BYTES, default 1048576
 	ShutdownTimeout   time.Duration // RELAY_SHUTDOWN_TIMEOUT, default 25s
 	ShutdownSpread    time.Duration // RELAY_SHUTDOWN_SPREAD, default 0 (every stream ends at once); below ShutdownTimeout
+	Peers             []string      // RELAY_PEERS, comma list of host:port (a name may resolve to many), default none: no rebalancing
+	RebalanceInterval time.Duration // RELAY_REBALANCE_INTERVAL, default 30s
+	RebalanceTol      float64       // RELAY_REBALANCE_TOLERANCE, fraction of the average, default 0.1
 	LogLevel          slog.Level    // RELAY_LOG_LEVEL: debug, info, warn, error; default info
 	LogFormat         string        // RELAY_LOG_FORMAT: json or text; default json
 }
@@ -126,6 +130,12 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.ShutdownTimeout, err = positiveDuration(v); return }},
 	{"RELAY_SHUTDOWN_SPREAD", "0", "on SIGTERM, end the open streams one by one spread evenly over this window (in a random order) instead of all at once, so their reconnects are spread too; below RELAY_SHUTDOWN_TIMEOUT",
 		func(c *Config, v string) (err error) { c.ShutdownSpread, err = nonNegativeDuration(v); return }},
+	{"RELAY_PEERS", "", "comma-separated host:port of the relay's replicas (one name, such as a headless Service's, may resolve to many; re-resolved every round): each replica asks the others for their open-stream counts every RELAY_REBALANCE_INTERVAL and ends streams it holds above the average, which resume elsewhere with Last-Event-ID; none when empty (no rebalancing)",
+		func(c *Config, v string) (err error) { c.Peers, err = hostPorts(v); return }},
+	{"RELAY_REBALANCE_INTERVAL", "30s", "how often a replica with RELAY_PEERS compares its open streams with its peers'; the streams it ends are spread over the first half of the interval, the second half lets their viewers land before the next count; at least 1s",
+		func(c *Config, v string) (err error) { c.RebalanceInterval, err = atLeastSecond(v); return }},
+	{"RELAY_REBALANCE_TOLERANCE", "0.1", "a replica ends streams when it holds more than the average × (1 + this), or when a peer holds fewer than the average × (1 − this) and it holds more than the average; it then ends those above the average (rounded up); 0 to 1",
+		func(c *Config, v string) (err error) { c.RebalanceTol, err = fraction(v); return }},
 	{"RELAY_LOG_LEVEL", "info", "debug, info, warn or error",
 		func(c *Config, v string) error { return c.LogLevel.UnmarshalText([]byte(v)) }},
 	{"RELAY_LOG_FORMAT", "json", "json or text",
@@ -273,6 +283,27 @@ func ipsOrCIDRs(v string) ([]string, error) {
 		}
 	}
 	return list, nil
+}
+
+// hostPorts splits a comma list of host:port, the port a number.
+func hostPorts(v string) ([]string, error) {
+	list := splitList(v)
+	for _, p := range list {
+		host, port, err := net.SplitHostPort(p)
+		if _, perr := strconv.ParseUint(port, 10, 16); err != nil || host == "" || perr != nil {
+			return nil, fmt.Errorf("%q is not host:port", p)
+		}
+	}
+	return list, nil
+}
+
+// atLeastSecond is a duration of 1s or more.
+func atLeastSecond(v string) (time.Duration, error) {
+	d, err := time.ParseDuration(v)
+	if err != nil || d < time.Second {
+		return 0, errors.New("want a duration of at least 1s, such as 30s")
+	}
+	return d, nil
 }
 
 // fraction is a number from 0 to 1.

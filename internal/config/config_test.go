@@ -40,7 +40,7 @@ func TestDefaultsAndPrecedence(t *testing.T) {
 		c.Retry != 3*time.Second || c.ReplayWindow != 10000 || len(c.KafkaBrokers) != 2 || c.KafkaBrokers[1] != "k2:9092" ||
 		c.FlushInterval != 5*time.Millisecond || c.SendBuffer != 1<<20 || c.JWTLeeway != 5*time.Second ||
 		c.UserTimeout != 30*time.Second || c.TrustedProxies != nil || c.MaxLifetime != 0 || c.LifetimeJitter != 0.2 ||
-		c.ShutdownSpread != 0 {
+		c.ShutdownSpread != 0 || c.Peers != nil || c.RebalanceInterval != 30*time.Second || c.RebalanceTol != 0.1 {
 		t.Fatalf("defaults: %+v", c)
 	}
 	c, err = Load([]string{"--sse-max-per-user", "9", "--listen-addr=:9000"}, env(with(map[string]string{"RELAY_SSE_MAX_PER_USER": "3"})), &bytes.Buffer{})
@@ -96,6 +96,16 @@ func TestInvalidSettings(t *testing.T) {
 			`RELAY_SSE_LIFETIME_JITTER (--sse-lifetime-jitter): "1.5": want a number from 0 to 1`},
 		{"jitter not a number", with(map[string]string{"RELAY_SSE_LIFETIME_JITTER": "NaN"}), nil,
 			`RELAY_SSE_LIFETIME_JITTER (--sse-lifetime-jitter): "NaN": want a number from 0 to 1`},
+		{"peer without a port", with(map[string]string{"RELAY_PEERS": "relay-peers.decnet"}), nil,
+			`RELAY_PEERS (--peers): "relay-peers.decnet": "relay-peers.decnet" is not host:port`},
+		{"peer with a named port", with(map[string]string{"RELAY_PEERS": "10.0.0.1:8080,relay-peers:http"}), nil,
+			`RELAY_PEERS (--peers): "10.0.0.1:8080,relay-peers:http": "relay-peers:http" is not host:port`},
+		{"peer without a host", with(map[string]string{"RELAY_PEERS": ":8080"}), nil,
+			`RELAY_PEERS (--peers): ":8080": ":8080" is not host:port`},
+		{"rebalance interval below a second", with(map[string]string{"RELAY_REBALANCE_INTERVAL": "500ms"}), nil,
+			`RELAY_REBALANCE_INTERVAL (--rebalance-interval): "500ms": want a duration of at least 1s`},
+		{"rebalance tolerance above 1", with(map[string]string{"RELAY_REBALANCE_TOLERANCE": "2"}), nil,
+			`RELAY_REBALANCE_TOLERANCE (--rebalance-tolerance): "2": want a number from 0 to 1`},
 		{"negative shutdown spread", with(map[string]string{"RELAY_SHUTDOWN_SPREAD": "-1s"}), nil,
 			`RELAY_SHUTDOWN_SPREAD (--shutdown-spread): "-1s": want a duration such as 5ms, or 0`},
 		{"shutdown spread not below the timeout", with(map[string]string{"RELAY_SHUTDOWN_SPREAD": "25s"}), nil,
@@ -185,6 +195,20 @@ func TestZeroFlushIntervalAndSendBuffer(t *testing.T) {
 	}
 	if c.FlushInterval != 0 || c.SendBuffer != 0 {
 		t.Fatalf("flush interval %v, send buffer %d, want 0 and 0", c.FlushInterval, c.SendBuffer)
+	}
+}
+
+// Peers are a static list or names (a headless Service's) with ports; the
+// rebalance interval and tolerance take their bounds.
+func TestPeersAndRebalance(t *testing.T) {
+	c, err := Load([]string{"--peers", "relay-peers.decnet.svc.cluster.local:8080, 127.0.0.1:9001,[::1]:9002",
+		"--rebalance-interval", "1s", "--rebalance-tolerance", "0"}, env(valid), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"relay-peers.decnet.svc.cluster.local:8080", "127.0.0.1:9001", "[::1]:9002"}
+	if strings.Join(c.Peers, " ") != strings.Join(want, " ") || c.RebalanceInterval != time.Second || c.RebalanceTol != 0 {
+		t.Fatalf("peers %q interval %v tolerance %v", c.Peers, c.RebalanceInterval, c.RebalanceTol)
 	}
 }
 

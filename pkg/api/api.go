@@ -6,6 +6,7 @@ package api
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -101,6 +102,13 @@ type Config struct {
 	// ConsumerReady reports whether the Kafka consumer runs and has filled the
 	// replay window at start-up (readiness, and /startupz).
 	ConsumerReady func() bool
+	// Peers, if set, are the host:port of the relay's replicas (names
+	// looked up every round); Rebalance then ends streams this replica
+	// holds above their average, every RebalanceInterval (at least a
+	// second), past RebalanceTolerance (rebalance.go).
+	Peers              []string
+	RebalanceInterval  time.Duration
+	RebalanceTolerance float64
 }
 
 // Server is the HTTP side of the relay.
@@ -116,6 +124,8 @@ type Server struct {
 	snaps  *ttlCache[*snapshot]
 	m      *metrics
 	retry  []byte // the retry: frame
+	id     string // told to peers (/peerz), so that a replica leaves itself out
+	peers  *peerSet
 
 	draining atomic.Bool
 	streams  streamSet
@@ -157,6 +167,10 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 		snaps:  newTTLCache[*snapshot](snapshotMaxAge, cfg.DBTimeout),
 		m:      m,
 		retry:  []byte("retry: " + strconv.FormatInt(cfg.Retry.Milliseconds(), 10) + "\n\n"),
+		id:     rand.Text(),
+	}
+	if len(cfg.Peers) > 0 {
+		s.peers = newPeerSet(cfg.Peers, cfg.RebalanceInterval, m.peerPolls, s.log)
 	}
 	gin.SetMode(gin.ReleaseMode)
 	e := gin.New()
@@ -168,6 +182,7 @@ func New(cfg Config, store Store, broker Broker) (*Server, error) {
 	e.GET("/healthz", func(c *gin.Context) { c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("ok\n")) })
 	e.GET("/readyz", s.readyz)
 	e.GET("/startupz", s.startupz)
+	e.GET("/peerz", s.peerz)
 	if cfg.Gatherer != nil {
 		e.GET("/metrics", gin.WrapH(promhttp.HandlerFor(cfg.Gatherer, promhttp.HandlerOpts{})))
 	}
@@ -196,6 +211,7 @@ var (
 	bodyGlobalCap      = detail("Connection limit reached")
 	bodyHTTP1Only      = detail("Streams are served over HTTP/1.1")
 	errDatabase        = errors.New("database unavailable")
+	errShuttingDown    = errors.New("shutting down")
 	errConsumerStopped = errors.New("kafka consumer not running or still filling the replay window")
 )
 
@@ -227,24 +243,27 @@ func (s *Server) startupz(c *gin.Context) {
 }
 
 func (s *Server) readyz(c *gin.Context) {
-	var err error
-	switch {
-	case s.draining.Load():
-		err = errors.New("shutting down")
-	case !s.cfg.ConsumerReady():
-		err = errConsumerStopped
-	default:
-		ctx, cancel := context.WithTimeout(c.Request.Context(), s.cfg.DBTimeout)
-		defer cancel()
-		if perr := s.store.Ping(ctx); perr != nil {
-			err = errDatabase
-		}
-	}
-	if err != nil {
+	if err := s.readiness(c.Request.Context()); err != nil {
 		c.Data(http.StatusServiceUnavailable, "application/json", detail(err.Error()))
 		return
 	}
 	c.Data(http.StatusOK, "text/plain; charset=utf-8", []byte("ready\n"))
+}
+
+// readiness says why this replica should get no new viewers, or nil.
+func (s *Server) readiness(ctx context.Context) error {
+	switch {
+	case s.draining.Load():
+		return errShuttingDown
+	case !s.cfg.ConsumerReady():
+		return errConsumerStopped
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.DBTimeout)
+	defer cancel()
+	if err := s.store.Ping(ctx); err != nil {
+		return errDatabase
+	}
+	return nil
 }
 
 // recover turns a panic in a handler into a 500 and logs it without the
@@ -266,9 +285,10 @@ func (s *Server) recover(c *gin.Context) {
 	c.Next()
 }
 
-// probePaths are asked every few seconds by the kubelet and Prometheus:
-// logged at debug, or each pod would log a line every few seconds at info.
-var probePaths = map[string]bool{"/healthz": true, "/readyz": true, "/startupz": true, "/metrics": true}
+// probePaths are asked every few seconds by the kubelet and Prometheus, and
+// every rebalance interval by peers: logged at debug, or each pod would log
+// a line every few seconds at info.
+var probePaths = map[string]bool{"/healthz": true, "/readyz": true, "/startupz": true, "/metrics": true, "/peerz": true}
 
 // accessLog logs the path, never the query: the token may be there.
 func (s *Server) accessLog(c *gin.Context) {
@@ -289,6 +309,7 @@ type metrics struct {
 	snapshot       prometheus.Histogram
 	resumes        *prometheus.CounterVec
 	rechecksFailed prometheus.Counter
+	peerPolls      *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -312,8 +333,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		rechecksFailed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "relay_credential_rechecks_failed_total", Help: "Re-checks of an open stream's credential that could not reach the database; the stream was kept.",
 		}),
+		peerPolls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_rebalance_peer_polls_total", Help: "Peers asked for their open-stream count (RELAY_PEERS), by result: ok, unready (draining or not ready, left out) or error (no answer in time, a failed look-up or a bad answer, left out).",
+		}, []string{"result"}),
 	}
-	for _, col := range []prometheus.Collector{m.connected, m.connects, m.disconnects, m.snapshot, m.resumes, m.rechecksFailed} {
+	for _, col := range []prometheus.Collector{m.connected, m.connects, m.disconnects, m.snapshot, m.resumes, m.rechecksFailed, m.peerPolls} {
 		if err := reg.Register(col); err != nil {
 			return nil, err
 		}

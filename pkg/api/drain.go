@@ -21,9 +21,9 @@ import (
 // viewer is admitted meanwhile; a stream that slipped in after the plan was
 // made ends when the broker is closed.
 func (s *Server) Spread(ctx context.Context, window time.Duration) {
-	plan := s.spreadPlan(window)
+	plan := s.spreadPlan(-1, window)
 	s.log.Info("ending the open streams spread over a window", "streams", len(plan), "window", window.String())
-	s.runSpread(ctx, plan)
+	s.runSpread(ctx, plan, fanout.ReasonShutdown)
 }
 
 // spreadEnd is one stream's turn: at this long after the spread began.
@@ -32,11 +32,14 @@ type spreadEnd struct {
 	at time.Duration
 }
 
-// spreadPlan gives each open stream its turn: a random order over
-// spreadSchedule's times.
-func (s *Server) spreadPlan(window time.Duration) []spreadEnd {
+// spreadPlan picks n open streams at random (every one when n < 0 or
+// more than are open) and gives each its turn over spreadSchedule's times.
+func (s *Server) spreadPlan(n int, window time.Duration) []spreadEnd {
 	vs := s.streams.viewers()
 	rand.Shuffle(len(vs), func(i, j int) { vs[i], vs[j] = vs[j], vs[i] })
+	if n >= 0 && n < len(vs) {
+		vs = vs[:n]
+	}
 	at := spreadSchedule(len(vs), window, rand.Float64)
 	plan := make([]spreadEnd, len(vs))
 	for i, v := range vs {
@@ -45,8 +48,8 @@ func (s *Server) spreadPlan(window time.Duration) []spreadEnd {
 	return plan
 }
 
-// runSpread ends each stream of plan at its turn.
-func (s *Server) runSpread(ctx context.Context, plan []spreadEnd) {
+// runSpread ends each stream of plan at its turn, counted as reason.
+func (s *Server) runSpread(ctx context.Context, plan []spreadEnd, reason fanout.Reason) {
 	start := time.Now()
 	for _, e := range plan {
 		if wait := e.at - time.Since(start); wait > 0 {
@@ -56,7 +59,7 @@ func (s *Server) runSpread(ctx context.Context, plan []spreadEnd) {
 				return
 			}
 		}
-		e.v.endFor(fanout.ReasonShutdown)
+		e.v.endFor(reason)
 	}
 }
 

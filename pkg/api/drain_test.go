@@ -87,7 +87,7 @@ func TestSpreadEndsEveryStream(t *testing.T) {
 	}
 	h.srv.Drain()
 	const window = 300 * time.Millisecond
-	plan := h.srv.spreadPlan(window)
+	plan := h.srv.spreadPlan(-1, window)
 	if len(plan) != n {
 		t.Fatalf("plan has %d streams, want %d", len(plan), n)
 	}
@@ -101,7 +101,7 @@ func TestSpreadEndsEveryStream(t *testing.T) {
 			t.Errorf("turn %d at %v, outside [%v, %v]", k, e.at, lo, hi)
 		}
 	}
-	h.srv.runSpread(context.Background(), plan)
+	h.srv.runSpread(context.Background(), plan, fanout.ReasonShutdown)
 	for i, body := range bodies {
 		rest, err := readToEnd(t, body)
 		if err != nil {

@@ -49,6 +49,7 @@ const (
 	reasonInternal   fanout.Reason = "internal"
 	reasonCredential fanout.Reason = "credential" // the token expired or a re-check refused it (credential.go)
 	reasonLifetime   fanout.Reason = "lifetime"   // the stream reached its lifetime (MaxLifetime)
+	reasonRebalance  fanout.Reason = "rebalance"  // its replica held more than its peers' average (rebalance.go)
 )
 
 // viewer is one admitted stream. Its goroutine (run) is the only writer of conn.
@@ -82,7 +83,7 @@ type viewer struct {
 
 // endFor asks run to end the stream between frames, counted as r: its
 // credential was refused, it reached its lifetime, or its turn came in a
-// spread shutdown. The first reason stays. Any goroutine may call it.
+// spread shutdown or a rebalance. The first reason stays. Any goroutine may call it.
 func (v *viewer) endFor(r fanout.Reason) {
 	v.endOnce.Do(func() {
 		v.endReason = r
@@ -460,6 +461,13 @@ func (s *streamSet) viewers() []*viewer {
 		out = append(out, v)
 	}
 	return out
+}
+
+// count is the number of open streams.
+func (s *streamSet) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
 }
 
 func (s *streamSet) done(conn net.Conn) {
