@@ -124,6 +124,7 @@ type bundle struct {
 	kinds           map[string]int
 	deployments     []appsv1.Deployment
 	services        []corev1.Service
+	peerServices    []corev1.Service // headless, for RELAY_PEERS
 	configMaps      []corev1.ConfigMap
 	serviceAccounts []corev1.ServiceAccount
 	pods            []corev1.Pod
@@ -168,6 +169,12 @@ func decodeManifest(t *testing.T, manifest string) *bundle {
 		case "v1 Service":
 			var o corev1.Service
 			decodeStrict(t, doc, &o)
+			if o.Spec.ClusterIP == corev1.ClusterIPNone { // the peers' headless Service
+				b.kinds[head.Kind]--
+				b.kinds["Service (headless)"]++
+				b.peerServices = append(b.peerServices, o)
+				break
+			}
 			b.services = append(b.services, o)
 		case "v1 ConfigMap":
 			var o corev1.ConfigMap
@@ -631,6 +638,60 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 		}
 	})
 
+	t.Run("peers are the ready relay pods", func(t *testing.T) {
+		// With RELAY_PEERS, it names the headless Service of the relay's ready pods on the
+		// container port, and a NetworkPolicy lets the pods reach each other there.
+		peers, src := envValue(t, b, c, "RELAY_PEERS")
+		if peers == "" {
+			if len(b.peerServices) != 0 {
+				t.Errorf("a headless Service without RELAY_PEERS")
+			}
+			return
+		}
+		if len(b.peerServices) != 1 || src != "configmap" {
+			t.Fatalf("RELAY_PEERS %q from %s with %d headless Services, want one", peers, src, len(b.peerServices))
+		}
+		ps := b.peerServices[0]
+		if ps.Spec.PublishNotReadyAddresses || !reflect.DeepEqual(ps.Spec.Selector, d.Spec.Selector.MatchLabels) {
+			t.Errorf("peers Service selects %v (publishNotReadyAddresses %v), want the Deployment's pods, ready only", ps.Spec.Selector, ps.Spec.PublishNotReadyAddresses)
+		}
+		if want := fmt.Sprintf("%s.%s.svc:%d", ps.Name, namespace, c.Ports[0].ContainerPort); peers != want {
+			t.Errorf("RELAY_PEERS %q, want %q", peers, want)
+		}
+		if len(ps.Spec.Ports) != 1 || !containerHasPort(c, ps.Spec.Ports[0].TargetPort) || ps.Spec.Ports[0].Port != c.Ports[0].ContainerPort {
+			t.Errorf("peers Service ports %v, want the container's HTTP port", ps.Spec.Ports)
+		}
+		self := d.Spec.Selector.MatchLabels
+		for _, np := range b.netpols {
+			admits := false
+			for _, rule := range np.Spec.Ingress {
+				fromPeers := len(rule.From) == 0
+				for _, f := range rule.From {
+					fromPeers = fromPeers || (f.PodSelector != nil && f.NamespaceSelector == nil && reflect.DeepEqual(f.PodSelector.MatchLabels, self))
+				}
+				admits = admits || fromPeers
+			}
+			if !admits {
+				t.Errorf("NetworkPolicy %s does not admit the relay's own pods", np.Name)
+			}
+			if !slices.Contains(np.Spec.PolicyTypes, networkingv1.PolicyTypeEgress) {
+				continue
+			}
+			reaches := false
+			for _, rule := range np.Spec.Egress {
+				for _, to := range rule.To {
+					if to.PodSelector != nil && reflect.DeepEqual(to.PodSelector.MatchLabels, self) && len(rule.Ports) == 1 &&
+						intOrString(rule.Ports[0].Port, int(c.Ports[0].ContainerPort)) {
+						reaches = true
+					}
+				}
+			}
+			if !reaches {
+				t.Errorf("NetworkPolicy %s's egress does not reach the other relay pods on %d", np.Name, c.Ports[0].ContainerPort)
+			}
+		}
+	})
+
 	t.Run("helm test checks readiness", func(t *testing.T) {
 		// The test hook pod GETs /readyz through the Service.
 		if len(b.pods) != 1 {
@@ -1077,6 +1138,47 @@ func TestRolloutAndStreamLifetime(t *testing.T) {
 				if got, src := envValue(t, b, c, name); got != want || src != "configmap" {
 					t.Errorf("%s = %q from %s, want %q from the ConfigMap", name, got, src, want)
 				}
+			}
+			checkInvariants(t, b, secretName)
+		})
+	}
+}
+
+// TestRebalanceFollowsReplicas guards when the chart turns rebalancing on: by default whenever
+// more than one replica can run (replicaCount > 1 or the HPA), never for one replica or when
+// switched off, with the interval and tolerance from values; and that a NetworkPolicy with
+// restricted ingress and egress then lets the pods reach each other (checkInvariants).
+func TestRebalanceFollowsReplicas(t *testing.T) {
+	requireHelm(t)
+	netpol := []string{"networkPolicy.enabled=true", "networkPolicy.ingressFrom[0].namespaceSelector.matchLabels.name=ingress", "networkPolicy.egress.enabled=true"}
+	for _, tc := range []struct {
+		name                string
+		set                 []string
+		interval, tolerance string // "" when off
+	}{
+		{"defaults: 2 replicas", nil, "30s", "0.1"},
+		{"one replica", []string{"replicaCount=1"}, "", ""},
+		{"one replica, autoscaled", []string{"replicaCount=1", "autoscaling.enabled=true"}, "30s", "0.1"},
+		{"switched off", []string{"rebalance.enabled=false"}, "", ""},
+		{"other interval and tolerance", []string{"replicaCount=5", "rebalance.intervalSeconds=10", "rebalance.tolerance=0"}, "10s", "0"},
+		{"with a NetworkPolicy", netpol, "30s", "0.1"},
+		{"off, with a NetworkPolicy", append([]string{"rebalance.enabled=false"}, netpol...), "", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := []string{"--set", "existingSecret.name=" + secretName}
+			for _, s := range tc.set {
+				args = append(args, "--set", s)
+			}
+			b := mustRender(t, args...)
+			c := relayContainer(t, b.deployments[0])
+			for name, want := range map[string]string{"RELAY_REBALANCE_INTERVAL": tc.interval, "RELAY_REBALANCE_TOLERANCE": tc.tolerance} {
+				if got, _ := envValue(t, b, c, name); got != want {
+					t.Errorf("%s = %q, want %q", name, got, want)
+				}
+			}
+			on := tc.interval != ""
+			if peers, _ := envValue(t, b, c, "RELAY_PEERS"); (peers != "") != on || (len(b.peerServices) == 1) != on {
+				t.Errorf("RELAY_PEERS %q with %d headless Services, want rebalancing %v", peers, len(b.peerServices), on)
 			}
 			checkInvariants(t, b, secretName)
 		})

@@ -129,8 +129,20 @@ RELAY_DATABASE_TIMEOUT: {{ .Values.config.databaseTimeout | quote }}
 RELAY_MAX_RECORD_BYTES: {{ .Values.config.maxRecordBytes | int | quote }}
 RELAY_SHUTDOWN_TIMEOUT: {{ printf "%ds" (.Values.shutdown.drainTimeoutSeconds | int) | quote }}
 RELAY_SHUTDOWN_SPREAD: {{ printf "%ds" (include "relay.spreadSeconds" . | int) | quote }}
+{{- if include "relay.rebalance" . }}
+RELAY_PEERS: {{ printf "%s-peers.%s.svc:%d" (include "relay.fullname" .) .Release.Namespace (.Values.containerPort | int) | quote }}
+RELAY_REBALANCE_INTERVAL: {{ printf "%ds" (.Values.rebalance.intervalSeconds | int) | quote }}
+RELAY_REBALANCE_TOLERANCE: {{ .Values.rebalance.tolerance | toString | quote }}
+{{- end }}
 RELAY_LOG_LEVEL: {{ .Values.config.logLevel | quote }}
 RELAY_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+{{- end }}
+
+{{/*
+"true" when replicas rebalance with their peers: rebalance.enabled and more than one replica can run.
+*/}}
+{{- define "relay.rebalance" -}}
+{{- if and .Values.rebalance.enabled (or .Values.autoscaling.enabled (gt (.Values.replicaCount | int) 1)) }}true{{ end }}
 {{- end }}
 
 {{/*
