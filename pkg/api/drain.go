@@ -12,7 +12,8 @@ import (
 // others in the same second. In a rolling update (README, deploy/helm) it
 // is better to end them one by one over a window: the reconnects are spread,
 // and they come once every old replica has left the Service, so that each
-// viewer lands on a new replica and moves once.
+// viewer lands on a new replica and moves once. Rebalancing (rebalance.go)
+// ends a replica's excess streams the same way, over half its interval.
 
 // Spread ends the open streams one by one, evenly over window, in a random
 // order (spreadPlan), each between frames and counted as shutdown; the
