@@ -1,17 +1,13 @@
 package main
 
 import (
-	"context"
 	"errors"
-	"fmt"
 	"io"
 	"maps"
 	"net"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/testenv"
@@ -31,8 +27,9 @@ func freePort(t *testing.T) string {
 
 // TestRebalanceMovesViewersOnce guards RELAY_PEERS against the real broker,
 // with two replicas: while its one peer is not up, replica A asks it every
-// round, counts it as an error and ends nothing; once the peer is up, A,
-// holding all 8 viewers, ends the streams above the average (4, or a few
+// round, counts it as an error and ends nothing; once the peer is up (and
+// has answered two rounds in a row), A, holding all 8 viewers, ends the
+// streams above the average (4, or a few
 // more if a count is taken while viewers are between replicas), cleanly
 // between frames, counted as rebalance, while events flow. Each viewer so
 // ended resumes once with its last id on the peer (a Service would pick at
@@ -115,21 +112,7 @@ func TestRebalanceMovesViewersOnce(t *testing.T) {
 	b.WaitReady(t)
 
 	// Events flow, one every 20 ms, while A's next round ends its excess.
-	produced := make(chan error, 1)
-	go func() {
-		for i := before; i < before+flowing; i++ {
-			p := int32(i % partitions)
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			err := cl.ProduceSync(ctx, &kgo.Record{Topic: topic, Partition: p, Value: fmt.Appendf(nil, `{"p":%d,"seq":%d}`, p, i)}).FirstErr()
-			cancel()
-			if err != nil {
-				produced <- err
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		produced <- nil
-	}()
+	produced := producePaced(cl, topic, partitions, before, before+flowing, 20*time.Millisecond)
 	follow(before + flowing)
 	if err := <-produced; err != nil {
 		t.Fatal(err)

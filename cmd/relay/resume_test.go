@@ -65,6 +65,28 @@ func produceSeq(t *testing.T, cl *kgo.Client, topic string, partitions int32, fr
 	}
 }
 
+// producePaced produces seqs [from, to) as produceSeq does, one every
+// pause, in a goroutine of its own; the channel gets its first error, or
+// nil once the last is acknowledged.
+func producePaced(cl *kgo.Client, topic string, partitions int32, from, to int, pause time.Duration) <-chan error {
+	produced := make(chan error, 1)
+	go func() {
+		for i := from; i < to; i++ {
+			p := int32(i) % partitions
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := cl.ProduceSync(ctx, &kgo.Record{Topic: topic, Partition: p, Value: fmt.Appendf(nil, `{"p":%d,"seq":%d}`, p, i)}).FirstErr()
+			cancel()
+			if err != nil {
+				produced <- err
+				return
+			}
+			time.Sleep(pause)
+		}
+		produced <- nil
+	}()
+	return produced
+}
+
 // collector keeps what a viewer received, checking per-partition order and duplicates.
 type collector struct {
 	t      *testing.T
@@ -408,21 +430,7 @@ func TestLifetimeResumesExactlyOnce(t *testing.T) {
 	token := viewerToken(t)
 
 	// Events flow all along, one every 25 ms: several lifetimes' worth.
-	produced := make(chan error, 1)
-	go func() {
-		for i := range n {
-			p := int32(i % 3)
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			err := cl.ProduceSync(ctx, &kgo.Record{Topic: topic, Partition: p, Value: []byte(fmt.Sprintf(`{"p":%d,"seq":%d}`, p, i))}).FirstErr()
-			cancel()
-			if err != nil {
-				produced <- err
-				return
-			}
-			time.Sleep(25 * time.Millisecond)
-		}
-		produced <- nil
-	}()
+	produced := producePaced(cl, topic, 3, 0, n, 25*time.Millisecond)
 
 	c := newCollector(t)
 	ends := 0

@@ -1008,6 +1008,9 @@ func TestBadValuesAreRejected(t *testing.T) {
 		{"spread not below the drain", append(slices.Clone(withSecret), "--set", "shutdown.spreadSeconds=25"), "shutdown.spreadSeconds (25) must be below shutdown.drainTimeoutSeconds (25)"},
 		{"jitter above 1", append(slices.Clone(withSecret), "--set", "config.sseLifetimeJitter=1.5"), "sseLifetimeJitter"},
 		{"bad lifetime", append(slices.Clone(withSecret), "--set", "config.sseMaxLifetime=soon"), "sseMaxLifetime"},
+		{"rebalance interval within a rollout's overlap", append(slices.Clone(withSecret), "--set", "rebalance.intervalSeconds=20"), "rebalance.intervalSeconds (20) must be above minReadySeconds + shutdown.preStopSleepSeconds (20)"},
+		{"rebalance tolerance above 1", append(slices.Clone(withSecret), "--set", "rebalance.tolerance=2"), "tolerance"},
+		{"rebalance interval of 0", append(slices.Clone(withSecret), "--set", "rebalance.intervalSeconds=0"), "intervalSeconds"},
 		{"surge of 0", append(slices.Clone(withSecret), "--set", "rollout.maxSurge=0"), "maxSurge"},
 		{"surge not a percentage", append(slices.Clone(withSecret), "--set", "rollout.maxSurge=all"), "maxSurge"},
 	}
@@ -1160,9 +1163,11 @@ func TestRebalanceFollowsReplicas(t *testing.T) {
 		{"one replica", []string{"replicaCount=1"}, "", ""},
 		{"one replica, autoscaled", []string{"replicaCount=1", "autoscaling.enabled=true"}, "30s", "0.1"},
 		{"switched off", []string{"rebalance.enabled=false"}, "", ""},
-		{"other interval and tolerance", []string{"replicaCount=5", "rebalance.intervalSeconds=10", "rebalance.tolerance=0"}, "10s", "0"},
+		{"other interval and tolerance", []string{"replicaCount=5", "rebalance.intervalSeconds=10", "rebalance.tolerance=0", "minReadySeconds=2", "shutdown.preStopSleepSeconds=5"}, "10s", "0"},
 		{"with a NetworkPolicy", netpol, "30s", "0.1"},
 		{"off, with a NetworkPolicy", append([]string{"rebalance.enabled=false"}, netpol...), "", ""},
+		{"interval just above the rollout overlap", []string{"rebalance.intervalSeconds=21"}, "21s", "0.1"},
+		{"one replica, interval not checked", []string{"replicaCount=1", "rebalance.intervalSeconds=5"}, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := []string{"--set", "existingSecret.name=" + secretName}

@@ -20,7 +20,15 @@ import (
 // name gives every ready pod, so pods come and go with the endpoints), each
 // address asked GET /peerz in parallel. A round costs one look-up per entry
 // and one small request per peer, over a connection kept between rounds.
+//
+// A peer counts from the second round in a row it answers in (by its id):
+// in the chart's rollout the new pods are ready a few seconds before the old
+// ones are deleted, and an old pod that rebalanced towards them then would
+// send viewers to other old pods too, which move again when those drain.
+// One interval (30 s) outlasts that overlap (minReadySeconds and the preStop
+// sleep, 20 s); a scale-up is rebalanced one interval later.
 type peerSet struct {
+	settled  map[string]bool // the ids that answered in the last round
 	entries  []string
 	timeout  time.Duration
 	client   *http.Client
@@ -56,8 +64,9 @@ const (
 )
 
 // counts returns the open-stream counts of the peers that answered in
-// time, leaving out the one whose id is self. A peer that does not answer
-// is left out, logged and counted; nothing waits longer than the timeout.
+// time, in this round and the last, leaving out the one whose id is self. A
+// peer that does not answer is left out, logged and counted; nothing waits
+// longer than the timeout. Rounds must not overlap.
 func (p *peerSet) counts(ctx context.Context, self string) []int {
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
@@ -82,11 +91,17 @@ func (p *peerSet) counts(ctx context.Context, self string) []int {
 	}
 	wg.Wait()
 	var out []int
+	answered := map[string]bool{}
 	for _, pc := range answers {
-		if pc != nil && pc.ID != self {
+		if pc == nil || pc.ID == self {
+			continue
+		}
+		if p.settled[pc.ID] {
 			out = append(out, pc.Streams)
 		}
+		answered[pc.ID] = true
 	}
+	p.settled = answered
 	return out
 }
 

@@ -184,7 +184,8 @@ func answering(streams int, id string) http.HandlerFunc {
 // answer; itself (its own id), a draining peer (503), one that hangs past
 // the timeout, one that answers nonsense and a name that does not resolve
 // are left out and counted, and the round takes no longer than the
-// timeout. A name is looked up and each of its addresses asked once.
+// timeout. A name is looked up and each of its addresses asked once. A
+// peer counts from the second round in a row that it answers in.
 func TestPeerCounts(t *testing.T) {
 	release := make(chan struct{})
 	hanging := peerServer(t, func(w http.ResponseWriter, r *http.Request) {
@@ -211,27 +212,29 @@ func TestPeerCounts(t *testing.T) {
 	p.resolver = &net.Resolver{PreferGo: true, Dial: func(context.Context, string, string) (net.Conn, error) {
 		return nil, errors.New("no DNS server in tests")
 	}}
-	start := time.Now()
-	got := p.counts(context.Background(), "me")
-	took := time.Since(start)
-	slices.Sort(got)
-	if !slices.Equal(got, []int{7, 42}) {
-		t.Errorf("counts %v, want [7 42]", got)
-	}
-	if took > p.timeout+time.Second {
-		t.Errorf("the round took %v, past the %v timeout", took, p.timeout)
+	for round, want := range [][]int{nil, {7, 42}} { // a peer counts from its second round
+		start := time.Now()
+		got := p.counts(context.Background(), "me")
+		took := time.Since(start)
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("round %d: counts %v, want %v", round+1, got, want)
+		}
+		if took > p.timeout+time.Second {
+			t.Errorf("round %d took %v, past the %v timeout", round+1, took, p.timeout)
+		}
 	}
 	ok := counterValue(t, polls.WithLabelValues(peerOK))
-	if ok != 3 { // peer-a, peer-b and itself
-		t.Errorf("ok polls %v, want 3", ok)
+	if ok != 2*3 { // peer-a, peer-b and itself, twice
+		t.Errorf("ok polls %v, want 6", ok)
 	}
-	if got := counterValue(t, polls.WithLabelValues(peerUnready)); got != 1 {
-		t.Errorf("unready polls %v, want 1", got)
+	if got := counterValue(t, polls.WithLabelValues(peerUnready)); got != 2 {
+		t.Errorf("unready polls %v, want 2", got)
 	}
 	// nonsense, the hanging one, the name that does not resolve, and ::1
-	// when localhost has it and nothing listens there.
-	if got := counterValue(t, polls.WithLabelValues(peerError)); got < 3 || got > 4 {
-		t.Errorf("error polls %v, want 3 or 4", got)
+	// when localhost has it and nothing listens there; twice.
+	if got := counterValue(t, polls.WithLabelValues(peerError)); got < 2*3 || got > 2*4 {
+		t.Errorf("error polls %v, want 6 to 8", got)
 	}
 }
 
@@ -255,7 +258,7 @@ func TestPeerz(t *testing.T) {
 }
 
 // TestRebalanceRound guards a round in process: a replica holding 8 streams
-// whose one peer holds none ends 4, each cleanly between frames after the
+// whose one peer holds none ends nothing in the peer's first round, then 4, each cleanly between frames after the
 // frames published before, counted as rebalance; the other 4 stay open and
 // get the frames published after. A draining replica does not rebalance.
 func TestRebalanceRound(t *testing.T) {
@@ -274,6 +277,10 @@ func TestRebalanceRound(t *testing.T) {
 	h.waitOpen(t, "u-viewer", n)
 	for i := range 3 {
 		publishAt(t, h.broker, i)
+	}
+	h.srv.rebalanceRound(context.Background()) // the peer's first: not counted yet
+	if got := h.disconnects(t, reasonRebalance); got != 0 {
+		t.Fatalf("%v streams ended in the peer's first round", got)
 	}
 	h.srv.rebalanceRound(context.Background()) // returns once the last was asked to end
 	h.waitDisconnects(t, reasonRebalance, n/2)

@@ -140,9 +140,15 @@ RELAY_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 
 {{/*
 "true" when replicas rebalance with their peers: rebalance.enabled and more than one replica can run.
+Fails when the interval does not outlast a rollout's overlap of old and new pods.
 */}}
 {{- define "relay.rebalance" -}}
-{{- if and .Values.rebalance.enabled (or .Values.autoscaling.enabled (gt (.Values.replicaCount | int) 1)) }}true{{ end }}
+{{- if and .Values.rebalance.enabled (or .Values.autoscaling.enabled (gt (.Values.replicaCount | int) 1)) }}
+{{- $overlap := add (.Values.minReadySeconds | int) (.Values.shutdown.preStopSleepSeconds | int) }}
+{{- if le (.Values.rebalance.intervalSeconds | int) $overlap }}
+{{- fail (printf "rebalance.intervalSeconds (%d) must be above minReadySeconds + shutdown.preStopSleepSeconds (%d): a new pod counts as a peer one interval after it is first seen, so that in a rollout the old pods get SIGTERM before they would rebalance towards the new ones (deploy/helm/README.md)" (.Values.rebalance.intervalSeconds | int) $overlap) }}
+{{- end }}true
+{{- end }}
 {{- end }}
 
 {{/*
