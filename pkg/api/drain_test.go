@@ -285,11 +285,11 @@ func readFrame(t *testing.T, br *bufio.Reader) ssetest.Frame {
 
 // TestProbeRequestsLoggedAtDebug guards that the requests the kubelet and
 // Prometheus make every few seconds (/healthz, /readyz, /startupz,
-// /metrics) are logged at debug, and every other request at info as before.
+// /metrics), and peers every rebalance interval (/peerz), are logged at debug, and every other request at info as before.
 func TestProbeRequestsLoggedAtDebug(t *testing.T) {
 	h := newHarness(t, newFakeStore(), nil)
 	base := strings.TrimSuffix(h.url, EventsPath)
-	for _, path := range []string{"/healthz", "/readyz", "/startupz", "/metrics", "/nowhere", EventsPath} {
+	for _, path := range []string{"/healthz", "/readyz", "/startupz", "/metrics", "/peerz", "/nowhere", EventsPath} {
 		resp, err := h.client.Get(base + path)
 		if err != nil {
 			t.Fatal(err)
@@ -298,7 +298,7 @@ func TestProbeRequestsLoggedAtDebug(t *testing.T) {
 		resp.Body.Close()
 	}
 	want := map[string]string{
-		"/healthz": "DEBUG", "/readyz": "DEBUG", "/startupz": "DEBUG", "/metrics": "DEBUG",
+		"/healthz": "DEBUG", "/readyz": "DEBUG", "/startupz": "DEBUG", "/metrics": "DEBUG", "/peerz": "DEBUG",
 		"/nowhere": "INFO", EventsPath: "INFO",
 	}
 	got := map[string]string{}
