@@ -168,9 +168,12 @@ func (tb *tab) listen(ev any) {
 			tb.problems = append(tb.problems, fmt.Sprintf("%d for %s", ev.Response.Status, redact(ev.Response.URL)))
 		}
 	case *network.EventLoadingFailed:
-		tb.problems = append(tb.problems, fmt.Sprintf("request failed (%s, canceled %v): %s", ev.ErrorText, ev.Canceled, redact(tb.urls[ev.RequestID])))
+		tb.problems = append(tb.problems, fmt.Sprintf("%s (%s, canceled %v): %s", requestFailed, ev.ErrorText, ev.Canceled, redact(tb.urls[ev.RequestID])))
 	}
 }
+
+// requestFailed starts the problem of a request that got no whole answer.
+const requestFailed = "request failed"
 
 // redact cuts the query (tokens) off a URL for the test's log.
 func redact(url string) string {
