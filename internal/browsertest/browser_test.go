@@ -304,6 +304,26 @@ func (v *viewer) update() {
 	}
 }
 
+// waitAll updates v until it holds seqs [0, n), failing after timeout with
+// the seqs it lacks.
+func (v *viewer) waitAll(n int, timeout time.Duration) {
+	v.tab.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for v.update(); len(v.c.Seen) < n; v.update() {
+		if time.Now().After(deadline) {
+			var missing []int
+			for i := range n {
+				if !v.c.Seen[i] {
+					missing = append(missing, i)
+				}
+			}
+			v.tab.t.Fatalf("waited %v for all %d events: %d missing, seqs %v\nproblems: %q", timeout, n, len(missing), missing, v.tab.Problems())
+		}
+		time.Sleep(pollEvery)
+	}
+	v.c.Complete(n)
+}
+
 // waitFor updates v until cond holds, failing after timeout.
 func (v *viewer) waitFor(what string, timeout time.Duration, cond func() bool) {
 	v.tab.t.Helper()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -24,7 +25,7 @@ type producer struct {
 	stop chan struct{}
 	done chan struct{}
 	once sync.Once
-	n    int
+	n    atomic.Int64
 	err  error
 }
 
@@ -51,12 +52,15 @@ func startProducer(t *testing.T, cl *kgo.Client, topic string, partitions int32)
 				pr.err = fmt.Errorf("produce seq %d: %w", i, err)
 				return
 			}
-			pr.n = i + 1
+			pr.n.Store(int64(i + 1))
 		}
 	}()
 	t.Cleanup(func() { pr.once.Do(func() { close(pr.stop) }); <-pr.done })
 	return pr
 }
+
+// produced returns how many events were written so far.
+func (pr *producer) produced() int { return int(pr.n.Load()) }
 
 // finish stops the producer and returns how many events it wrote (seqs [0, n)).
 func (pr *producer) finish(t *testing.T) int {
@@ -66,7 +70,7 @@ func (pr *producer) finish(t *testing.T) int {
 	if pr.err != nil {
 		t.Fatal(pr.err)
 	}
-	return pr.n
+	return pr.produced()
 }
 
 // expectResumed checks the k-th stream request (from 0) the proxy passed on:
@@ -126,17 +130,21 @@ func TestBrowserReconnectResumesAcrossReplicas(t *testing.T) {
 	bctx := newBrowser(t)
 	event := strings.TrimPrefix(topic, "identity.")
 	v := newViewer(openTab(t, bctx, px.URL+"/?token="+relaytest.ViewerToken(t), "snapshot", event), event)
+	// Events from the first on are the page's once it has its snapshot.
+	v.waitFor("the snapshot", waitLong, func() bool { return v.snapshots == 1 })
 	pr := startProducer(t, cl, topic, partitions)
-	v.waitFor("the snapshot and 20 events", waitLong, func() bool { return v.opens == 1 && v.snapshots == 1 && len(v.c.Seen) >= 20 })
+	v.waitFor("20 events", waitLong, func() bool { return v.opens == 1 && len(v.c.Seen) >= 20 })
 
 	from, to := a, b
 	for k, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 		if k > 0 {
+			t.Logf("starting a replica at seq %d produced", pr.produced())
 			to = relaytest.Start(t, env)
 			to.WaitReady(t)
 		}
 		px.route(to) // as a Service drops a terminating pod's endpoint
 		before, start := len(v.c.Seen), time.Now()
+		t.Logf("%v at seq %d produced, %d received", sig, pr.produced(), before)
 		from.Signal(sig)
 		v.waitFor(fmt.Sprintf("the page back after %v, 20 events further", sig), waitLong, func() bool {
 			return v.opens == k+2 && len(v.c.Seen) >= before+20
@@ -150,8 +158,7 @@ func TestBrowserReconnectResumesAcrossReplicas(t *testing.T) {
 		from = to
 	}
 	n := pr.finish(t)
-	v.waitFor(fmt.Sprintf("all %d events", n), waitLong, func() bool { return len(v.c.Seen) >= n })
-	v.c.Complete(n)
+	v.waitAll(n, waitLong)
 	if v.snapshots != 1 || len(px.requests()) != 3 {
 		t.Fatalf("%d snapshots and %d stream requests, want 1 and 3", v.snapshots, len(px.requests()))
 	}
@@ -190,8 +197,7 @@ func TestBrowserHeldBackResumes(t *testing.T) {
 	}
 	held := len(v.c.Seen)
 	px.release()
-	v.waitFor(fmt.Sprintf("all %d events", n), waitLong, func() bool { return len(v.c.Seen) >= n })
-	v.c.Complete(n)
+	v.waitAll(n, waitLong)
 	if v.opens != 2 || v.snapshots != 1 {
 		t.Fatalf("%d opens and %d snapshots, want 2 (the cut, then the resume) and 1", v.opens, v.snapshots)
 	}
@@ -275,8 +281,10 @@ func TestBrowserAfterRefusal(t *testing.T) {
 	px.route(a)
 	tb := openTab(t, bctx, px.URL+"/demo?token="+token, "snapshot", "formed")
 	v := newViewer(tb, "formed")
+	// Events from the first on are the page's once it has its snapshot.
+	v.waitFor("the snapshot", waitLong, func() bool { return v.snapshots == 1 })
 	pr := startProducer(t, cl, topic, partitions)
-	v.waitFor("the snapshot and 20 events", waitLong, func() bool { return v.opens == 1 && v.snapshots == 1 && len(v.c.Seen) >= 20 })
+	v.waitFor("20 events", waitLong, func() bool { return v.opens == 1 && len(v.c.Seen) >= 20 })
 
 	// A drains; the browser reconnects by itself to B, which answers 503:
 	// EventSource closes for good, and the page opens new ones.
@@ -295,8 +303,7 @@ func TestBrowserAfterRefusal(t *testing.T) {
 	fullB.Close() // B has room again
 	v.waitFor("the page back on B, 20 events further", waitLong, func() bool { return v.opens == 2 && len(v.c.Seen) >= before+20 })
 	n := pr.finish(t)
-	v.waitFor(fmt.Sprintf("all %d events", n), waitLong, func() bool { return len(v.c.Seen) >= n })
-	v.c.Complete(n)
+	v.waitAll(n, waitLong)
 	if v.snapshots != 1 {
 		t.Fatalf("%d snapshots, want 1", v.snapshots)
 	}
