@@ -12,7 +12,8 @@
 #               test time) on PostgreSQL and Kafka as scripts/pg.sh and
 #               scripts/kafka.sh are set (RELAY_TEST_STATE, ports)
 #   services 2  the relay's other packages using services, one at a time,
-#               on a second PostgreSQL and Kafka (ports below)
+#               on a second PostgreSQL and Kafka (ports below); among them
+#               internal/browsertest, whose tests also drive Chromium
 #   others      from the start, niced: helm (built with go install the
 #               first time); a run of every fuzz target, one at a time;
 #               go vet -race ./... of every module; go test -race of every

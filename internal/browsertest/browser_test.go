@@ -221,14 +221,20 @@ func (tb *tab) sourceState(src int) int {
 // waitFor polls the page until cond holds, failing after timeout.
 func (tb *tab) waitFor(what string, timeout time.Duration, cond func() bool) {
 	tb.t.Helper()
+	until(tb.t, timeout, func() bool { tb.poll(); return cond() }, func() string {
+		return fmt.Sprintf("%s; the page recorded %s", what, tb.summary())
+	})
+}
+
+// until polls cond until it holds, failing after timeout with what it
+// waited for, and what the page reported: a condition is waited for with
+// a generous deadline, never a fixed sleep.
+func until(t *testing.T, timeout time.Duration, cond func() bool, what func() string) {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
-	for {
-		tb.poll()
-		if cond() {
-			return
-		}
+	for !cond() {
 		if time.Now().After(deadline) {
-			tb.t.Fatalf("waited %v for %s; the page recorded %s\nproblems: %q", timeout, what, tb.summary(), tb.Problems())
+			t.Fatalf("waited %v for %s", timeout, what())
 		}
 		time.Sleep(pollEvery)
 	}
@@ -308,35 +314,23 @@ func (v *viewer) update() {
 // the seqs it lacks.
 func (v *viewer) waitAll(n int, timeout time.Duration) {
 	v.tab.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for v.update(); len(v.c.Seen) < n; v.update() {
-		if time.Now().After(deadline) {
-			var missing []int
-			for i := range n {
-				if !v.c.Seen[i] {
-					missing = append(missing, i)
-				}
+	until(v.tab.t, timeout, func() bool { v.update(); return len(v.c.Seen) >= n }, func() string {
+		var missing []int
+		for i := range n {
+			if !v.c.Seen[i] {
+				missing = append(missing, i)
 			}
-			v.tab.t.Fatalf("waited %v for all %d events: %d missing, seqs %v\nproblems: %q", timeout, n, len(missing), missing, v.tab.Problems())
 		}
-		time.Sleep(pollEvery)
-	}
+		return fmt.Sprintf("all %d events: %d missing, seqs %v\nproblems: %q", n, len(missing), missing, v.tab.Problems())
+	})
 	v.c.Complete(n)
 }
 
 // waitFor updates v until cond holds, failing after timeout.
 func (v *viewer) waitFor(what string, timeout time.Duration, cond func() bool) {
 	v.tab.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		v.update()
-		if cond() {
-			return
-		}
-		if time.Now().After(deadline) {
-			v.tab.t.Fatalf("waited %v for %s: %d events, %d snapshots, %d opens\nproblems: %q",
-				timeout, what, len(v.c.Seen), v.snapshots, v.opens, v.tab.Problems())
-		}
-		time.Sleep(pollEvery)
-	}
+	until(v.tab.t, timeout, func() bool { v.update(); return cond() }, func() string {
+		return fmt.Sprintf("%s: %d events, %d snapshots, %d opens\nproblems: %q",
+			what, len(v.c.Seen), v.snapshots, v.opens, v.tab.Problems())
+	})
 }

@@ -73,6 +73,16 @@ func (pr *producer) finish(t *testing.T) int {
 	return pr.produced()
 }
 
+// flowing waits until the page has its snapshot (events from the first on
+// are then the page's), starts a producer, and waits for 20 events.
+func flowing(t *testing.T, v *viewer, cl *kgo.Client, topic string, partitions int32) *producer {
+	t.Helper()
+	v.waitFor("the snapshot", waitLong, func() bool { return v.snapshots == 1 })
+	pr := startProducer(t, cl, topic, partitions)
+	v.waitFor("20 events", waitLong, func() bool { return v.opens == 1 && len(v.c.Seen) >= 20 })
+	return pr
+}
+
 // expectResumed checks the k-th stream request (from 0) the proxy passed on:
 // it went to replica, was answered 200 and carried, as Last-Event-ID (or as
 // ?last_event_id= when query), the id of the last event the page had
@@ -130,10 +140,7 @@ func TestBrowserReconnectResumesAcrossReplicas(t *testing.T) {
 	bctx := newBrowser(t)
 	event := strings.TrimPrefix(topic, "identity.")
 	v := newViewer(openTab(t, bctx, px.URL+"/?token="+relaytest.ViewerToken(t), "snapshot", event), event)
-	// Events from the first on are the page's once it has its snapshot.
-	v.waitFor("the snapshot", waitLong, func() bool { return v.snapshots == 1 })
-	pr := startProducer(t, cl, topic, partitions)
-	v.waitFor("20 events", waitLong, func() bool { return v.opens == 1 && len(v.c.Seen) >= 20 })
+	pr := flowing(t, v, cl, topic, partitions)
 
 	from, to := a, b
 	for k, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
@@ -281,10 +288,7 @@ func TestBrowserAfterRefusal(t *testing.T) {
 	px.route(a)
 	tb := openTab(t, bctx, px.URL+"/demo?token="+token, "snapshot", "formed")
 	v := newViewer(tb, "formed")
-	// Events from the first on are the page's once it has its snapshot.
-	v.waitFor("the snapshot", waitLong, func() bool { return v.snapshots == 1 })
-	pr := startProducer(t, cl, topic, partitions)
-	v.waitFor("20 events", waitLong, func() bool { return v.opens == 1 && len(v.c.Seen) >= 20 })
+	pr := flowing(t, v, cl, topic, partitions)
 
 	// A drains; the browser reconnects by itself to B, which answers 503:
 	// EventSource closes for good, and the page opens new ones.
