@@ -4,8 +4,9 @@
 # make demo      run the relay in demo mode
 # make bench     benchmarks
 # make services-up / services-down
-#                start/stop the test PostgreSQL and Kafka for running single
-#                tests by hand; services-up prints the exports to use, e.g.
+#                start/stop the test PostgreSQL and Kafka (services-up also
+#                installs Chromium if absent) for running single tests by
+#                hand; services-up prints the exports to use, e.g.
 #                  eval "$$(make -s services-env)"
 #                  go test -run TestX ./pkg/...
 
@@ -33,6 +34,7 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
 
 services-up:
+	bash scripts/chromium.sh install >/dev/null
 	bash scripts/pg.sh start >/dev/null
 	bash scripts/kafka.sh start >/dev/null
 	@echo
@@ -40,11 +42,13 @@ services-up:
 	@echo "# or paste:"
 	@bash scripts/pg.sh env
 	@bash scripts/kafka.sh env
+	@bash scripts/chromium.sh env
 	@echo "# stop them with: make services-down"
 
 services-env:
 	@bash scripts/pg.sh env
 	@bash scripts/kafka.sh env
+	@bash scripts/chromium.sh env
 
 services-down:
 	bash scripts/kafka.sh stop

@@ -14,8 +14,8 @@
 #
 # Settings (environment):
 #   RELAY_TEST_STATE                 state root      (/tmp/relay-test)
-#   RELAY_TEST_KAFKA_PORT            broker port     (39092)
-#   RELAY_TEST_KAFKA_CONTROLLER_PORT controller port (39093)
+#   RELAY_TEST_KAFKA_PORT            broker port     (29092)
+#   RELAY_TEST_KAFKA_CONTROLLER_PORT controller port (29093)
 #   RELAY_KAFKA_VERSION              Kafka version   (4.1.2)
 #   RELAY_KAFKA_CACHE                jar cache       (${XDG_CACHE_HOME:-$HOME/.cache}/relay-kafka)
 #   RELAY_TEST_KAFKA_START_TIMEOUT   seconds to wait for readiness (90)
@@ -32,8 +32,8 @@ CACHE_DIR="$CACHE_ROOT/$KAFKA_VERSION"
 LIBS="$CACHE_DIR/libs"
 STATE_ROOT="${RELAY_TEST_STATE:-/tmp/relay-test}"
 STATE="$STATE_ROOT/kafka"
-PORT="${RELAY_TEST_KAFKA_PORT:-39092}"
-CPORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT:-39093}"
+PORT="${RELAY_TEST_KAFKA_PORT:-29092}"
+CPORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT:-29093}"
 START_TIMEOUT="${RELAY_TEST_KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${RELAY_TEST_KAFKA_STOP_TIMEOUT:-30}"
 PIDFILE="$STATE/kafka.pid"

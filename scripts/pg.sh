@@ -15,7 +15,7 @@
 #
 # Settings (environment):
 #   RELAY_TEST_STATE     state root (/tmp/relay-test); the cluster is in $RELAY_TEST_STATE/pg
-#   RELAY_TEST_PG_PORT   port on 127.0.0.1 (55432)
+#   RELAY_TEST_PG_PORT   port on 127.0.0.1 (25432)
 #   RELAY_TEST_PG_DB     database name (relay_test)
 set -euo pipefail
 
@@ -29,7 +29,7 @@ STATE="$STATE_ROOT/pg"
 DATA="$STATE/data"
 SOCK="$STATE/sock"
 LOGFILE="$STATE/postgres.log"
-PORT="${RELAY_TEST_PG_PORT:-55432}"
+PORT="${RELAY_TEST_PG_PORT:-25432}"
 DB="${RELAY_TEST_PG_DB:-relay_test}"
 URL="postgres://postgres@127.0.0.1:$PORT/$DB?sslmode=disable"
 

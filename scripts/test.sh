@@ -12,16 +12,18 @@
 #               test time) on PostgreSQL and Kafka as scripts/pg.sh and
 #               scripts/kafka.sh are set (RELAY_TEST_STATE, ports)
 #   services 2  the relay's other packages using services, one at a time,
-#               on a second PostgreSQL and Kafka (ports below)
+#               on a second PostgreSQL and Kafka (ports below); among them
+#               internal/browsertest, whose tests also drive Chromium
 #   others      from the start, niced: helm (built with go install the
 #               first time); a run of every fuzz target, one at a time;
 #               go vet -race ./... of every module; go test -race of every
 #               other package (the relay's packages without services, the
 #               tool modules); scripts/helm-check.sh, which runs deploy/helm's
 #               test with -race
-# Before the services lanes, both sets of services are fetched, wiped and
-# started while their test binaries compile with -race; on exit the services
-# are stopped whatever happens. The lanes "services 2" and "others" write to
+# Before the services lanes, Chromium is installed if absent (for the
+# browser tests, scripts/chromium.sh) and both sets of services are fetched,
+# wiped and started while their test binaries compile with -race; on exit the
+# services are stopped whatever happens. The lanes "services 2" and "others" write to
 # log files, named when they start and printed when they end.
 # Every step runs even after an earlier one failed; the exit status is
 # non-zero when any failed.
@@ -67,9 +69,9 @@ BG_PIDS=()
 STATE_1="${RELAY_TEST_STATE:-/tmp/relay-test}"
 SET_2=(
 	RELAY_TEST_STATE="$STATE_1/second"
-	RELAY_TEST_PG_PORT="${RELAY_TEST_PG_PORT_2:-$((${RELAY_TEST_PG_PORT:-55432} + 1))}"
-	RELAY_TEST_KAFKA_PORT="${RELAY_TEST_KAFKA_PORT_2:-$((${RELAY_TEST_KAFKA_PORT:-39092} + 2))}"
-	RELAY_TEST_KAFKA_CONTROLLER_PORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT_2:-$((${RELAY_TEST_KAFKA_CONTROLLER_PORT:-39093} + 2))}"
+	RELAY_TEST_PG_PORT="${RELAY_TEST_PG_PORT_2:-$((${RELAY_TEST_PG_PORT:-25432} + 1))}"
+	RELAY_TEST_KAFKA_PORT="${RELAY_TEST_KAFKA_PORT_2:-$((${RELAY_TEST_KAFKA_PORT:-29092} + 2))}"
+	RELAY_TEST_KAFKA_CONTROLLER_PORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT_2:-$((${RELAY_TEST_KAFKA_CONTROLLER_PORT:-29093} + 2))}"
 )
 # Packages that get the first set to themselves: cmd/relay's end-to-end
 # tests take about 3/4 of the services' test time.
@@ -145,7 +147,8 @@ start_services() {
 export_services_env() {
 	eval "$(bash scripts/pg.sh env)"
 	eval "$(bash scripts/kafka.sh env)"
-	export RELAY_TEST_DATABASE_URL RELAY_TEST_KAFKA_BROKERS RELAY_TEST_PG_SCRIPT RELAY_TEST_KAFKA_SCRIPT
+	eval "$(bash scripts/chromium.sh env)"
+	export RELAY_TEST_DATABASE_URL RELAY_TEST_KAFKA_BROKERS RELAY_TEST_PG_SCRIPT RELAY_TEST_KAFKA_SCRIPT RELAY_TEST_CHROMIUM
 	env | grep '^RELAY_TEST_' | sort
 }
 
@@ -284,9 +287,12 @@ banner "environment"
 go version
 echo "repo $REPO, CI=${CI:-}, $(nproc) cores, modules: ${MODULES[*]}"
 
-# start_all_services: fetch Kafka once, then start both sets at once; each
-# set's exit status goes to $WORK/set-N.rc, its output to $WORK/set-N.log.
+# start_all_services: install Chromium and fetch Kafka once (one apt-get at
+# a time), then start both sets at once; each set's exit status goes to
+# $WORK/set-N.rc, its output to $WORK/set-N.log. Without Chromium the browser
+# tests fail; the other tests still run.
 start_all_services() {
+	step "install Chromium if absent (scripts/chromium.sh)" bash scripts/chromium.sh install
 	if ! step "fetch Apache Kafka (cached after the first run)" bash scripts/kafka.sh fetch; then
 		echo 1 >"$WORK/set-1.rc"
 		echo 1 >"$WORK/set-2.rc"

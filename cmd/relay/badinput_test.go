@@ -90,7 +90,7 @@ func produceValue(t *testing.T, cl *kgo.Client, topic string, value []byte) stri
 
 // TestBadRecordsEndToEnd guards: each malformed record is skipped and counted once by reason, hostile strings arrive escaped, the stream goes on in order.
 func TestBadRecordsEndToEnd(t *testing.T) {
-	env, seqTopic := resumeEnv(t, nil)
+	env, seqTopic := relaytest.TopicEnv(t, nil)
 	topic := strings.TrimSuffix(seqTopic, ".seq") + ".formed"
 	name := strings.TrimPrefix(topic, "identity.")
 	brokers := testenv.KafkaBrokers(t)
@@ -103,7 +103,7 @@ func TestBadRecordsEndToEnd(t *testing.T) {
 	createBigTopic(t, cl, topic)
 	r := relaytest.Start(t, env)
 	r.WaitReady(t)
-	token := viewerToken(t)
+	token := relaytest.ViewerToken(t)
 	v := openViewer(t, streamClient(t), r.URL, token)
 	expectStarted(t, []*sseViewer{v}, 30*time.Second)
 
@@ -241,7 +241,7 @@ func TestBadRecordsEndToEnd(t *testing.T) {
 
 // TestSlowlorisHeaderTimeout guards: a client sending headers a byte a second is cut off by the 5 s header timeout before its headers complete.
 func TestSlowlorisHeaderTimeout(t *testing.T) {
-	env, _ := resumeEnv(t, nil)
+	env, _ := relaytest.TopicEnv(t, nil)
 	r := relaytest.Start(t, env)
 	req := "GET " + api.EventsPath + "?token=x HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n" +
 		"X-Slow: " + strings.Repeat("s", 30) + "\r\n\r\n" // about 100 s at a byte a second
@@ -310,10 +310,10 @@ loop:
 // relay goes on serving.
 func TestAnnouncedBodyNeverSent(t *testing.T) {
 	const conns = 300
-	env, _ := resumeEnv(t, nil)
+	env, _ := relaytest.TopicEnv(t, nil)
 	r := relaytest.Start(t, env)
 	addr := strings.TrimPrefix(r.URL, "http://")
-	token := viewerToken(t)
+	token := relaytest.ViewerToken(t)
 	answers := make(chan error, conns)
 	for i := range conns {
 		target := api.EventsPath + "?token=" + token
@@ -451,11 +451,11 @@ func dialStalled(t *testing.T, addr string, request []byte) net.Conn {
 func TestNonReadingViewersDroppedMemoryBounded(t *testing.T) {
 	const stalled, readers = 1000, 100
 	const buffer, windowBytes = 256, 64 << 20 // RELAY_SUBSCRIBER_BUFFER, RELAY_REPLAY_WINDOW_BYTES defaults
-	env, topic := resumeEnv(t, map[string]string{"RELAY_SSE_MAX_PER_USER": "2000", "RELAY_LOG_LEVEL": "info"})
-	r, cl := startOnTopic(t, env, topic, 1)
+	env, topic := relaytest.TopicEnv(t, map[string]string{"RELAY_SSE_MAX_PER_USER": "2000", "RELAY_LOG_LEVEL": "info"})
+	r, cl := relaytest.StartOnTopic(t, env, topic, 1)
 	pid := r.Pid()
 	rssStart := vmRSS(t, pid)
-	token := viewerToken(t)
+	token := relaytest.ViewerToken(t)
 
 	// The stalled viewers: a request, then never a read.
 	addr := strings.TrimPrefix(r.URL, "http://")

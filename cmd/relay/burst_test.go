@@ -30,11 +30,11 @@ func TestBurstLargerThanQueuesReachesEveryReader(t *testing.T) {
 	const viewers, burst = 30, 12000
 	// Queues of 1,024 frames: the burst is 12 times that. The window holds
 	// the whole burst, so a dropped reader resumes from it.
-	env, topic := resumeEnv(t, map[string]string{
+	env, topic := relaytest.TopicEnv(t, map[string]string{
 		"RELAY_SSE_MAX_PER_USER": "100", "RELAY_SUBSCRIBER_BUFFER": "1024", "RELAY_REPLAY_WINDOW": "20000",
 	})
-	r, _ := startOnTopic(t, env, topic, 1)
-	token := viewerToken(t)
+	r, _ := relaytest.StartOnTopic(t, env, topic, 1)
+	token := relaytest.ViewerToken(t)
 	streams := make([]*relaytest.Stream, viewers)
 	for i := range streams {
 		streams[i] = relaytest.Dial(t, r.URL, token)
@@ -113,7 +113,7 @@ func (rd *seqReader) read(s *relaytest.Stream, n int) {
 			continue // keepalive, retry
 		}
 		_, data, _ := strings.Cut(rest, "\ndata: ")
-		var ev struct{ Payload seqEvent }
+		var ev struct{ Payload relaytest.SeqEvent }
 		if err := json.Unmarshal([]byte(strings.TrimSpace(data)), &ev); err != nil {
 			rd.err = fmt.Errorf("frame %q: %w", f, err)
 			return

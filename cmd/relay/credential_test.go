@@ -16,8 +16,8 @@ import (
 // revoked or its user's tokens_valid_from moves past its iat; each end is
 // counted as reason "credential" and each reconnect gets 401.
 func TestStreamEndsWithItsCredential(t *testing.T) {
-	env, topic := resumeEnv(t, nil)
-	r, _ := startOnTopic(t, env, topic, 1)
+	env, topic := relaytest.TopicEnv(t, nil)
+	r, _ := relaytest.StartOnTopic(t, env, topic, 1)
 	db := relaytest.DB(t)
 	tests := []struct {
 		name   string

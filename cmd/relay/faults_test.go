@@ -334,15 +334,15 @@ func restartKafkaAtCleanup(t *testing.T) {
 // TestBrokerOutageKeepsViewers guards: a 20 s broker outage under 100 streams drops nobody, keepalives go on, /readyz stays 200, a viewer arriving during it is served, every later event reaches every viewer once, and the consumer's silence is visible in /metrics.
 func TestBrokerOutageKeepsViewers(t *testing.T) {
 	const viewers, after = 100, 20
-	env, topic := resumeEnv(t, map[string]string{
+	env, topic := relaytest.TopicEnv(t, map[string]string{
 		"RELAY_SSE_KEEPALIVE": "2s", "RELAY_SSE_MAX_PER_USER": "1000", "RELAY_LOG_LEVEL": "info",
 	})
-	r, cl := startOnTopic(t, env, topic, 1)
-	token := viewerToken(t)
+	r, cl := relaytest.StartOnTopic(t, env, topic, 1)
+	token := relaytest.ViewerToken(t)
 
 	vs := openViewers(t, streamClient(t), r.URL, token, viewers)
 	expectStarted(t, vs, 60*time.Second)
-	produceSeq(t, cl, topic, 1, 0, 1) // the pipeline works before the outage
+	relaytest.ProduceSeq(t, cl, topic, 1, 0, 1) // the pipeline works before the outage
 	waitViewers(t, vs, 30*time.Second, "seq 0", func(v *sseViewer) bool { return len(v.liveEvents()) == 1 })
 
 	restartKafkaAtCleanup(t)
@@ -386,7 +386,7 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 	testenv.StartKafka(t)
 	restarted := time.Now()
 	cl2 := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	produceSeq(t, cl2, topic, 1, 1, 1+after)
+	relaytest.ProduceSeq(t, cl2, topic, 1, 1, 1+after)
 	waitViewers(t, vs, 90*time.Second, "the events produced after the restart",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 1+after })
 	waitViewers(t, []*sseViewer{late}, 30*time.Second, "the events produced after the restart",
@@ -418,12 +418,12 @@ func TestBrokerOutageKeepsViewers(t *testing.T) {
 // TestRelayStartsWhileBrokerDown guards: a relay started with the broker down gets ready, serves snapshots and keepalives, and streams once the broker starts.
 func TestRelayStartsWhileBrokerDown(t *testing.T) {
 	const viewers, n = 5, 10
-	env, topic := resumeEnv(t, map[string]string{"RELAY_SSE_KEEPALIVE": "2s"})
+	env, topic := relaytest.TopicEnv(t, map[string]string{"RELAY_SSE_KEEPALIVE": "2s"})
 	brokers := testenv.KafkaBrokers(t)
 	cl := relaytest.Producer(t, brokers)
 	relaytest.CreateTopic(t, cl, topic, 1)
-	produceSeq(t, cl, topic, 1, -1, 0) // before the relay started: history, never broadcast
-	token := viewerToken(t)
+	relaytest.ProduceSeq(t, cl, topic, 1, -1, 0) // before the relay started: history, never broadcast
+	token := relaytest.ViewerToken(t)
 
 	restartKafkaAtCleanup(t)
 	testenv.StopKafka(t)
@@ -447,7 +447,7 @@ func TestRelayStartsWhileBrokerDown(t *testing.T) {
 
 	testenv.StartKafka(t)
 	back := time.Now()
-	produceSeq(t, relaytest.Producer(t, brokers), topic, 1, 0, n)
+	relaytest.ProduceSeq(t, relaytest.Producer(t, brokers), topic, 1, 0, n)
 	waitViewers(t, vs, 90*time.Second, "the events", func(v *sseViewer) bool { return len(v.liveEvents()) >= n })
 	t.Logf("events reached all viewers %v after the broker started", time.Since(back).Round(time.Millisecond))
 	time.Sleep(500 * time.Millisecond)
@@ -492,19 +492,19 @@ func recreateTopic(t *testing.T, cl *kgo.Client, topic string, partitions int32)
 
 // TestTopicDeletedAndRecreated guards: a matching topic deleted and re-created is followed: its new events reach a viewer connected throughout.
 func TestTopicDeletedAndRecreated(t *testing.T) {
-	env, topic := resumeEnv(t, nil)
-	r, cl := startOnTopic(t, env, topic, 1)
-	token := viewerToken(t)
+	env, topic := relaytest.TopicEnv(t, nil)
+	r, cl := relaytest.StartOnTopic(t, env, topic, 1)
+	token := relaytest.ViewerToken(t)
 	v := openViewer(t, streamClient(t), r.URL, token)
 	expectStarted(t, []*sseViewer{v}, 30*time.Second)
-	produceSeq(t, cl, topic, 1, 0, 3)
+	relaytest.ProduceSeq(t, cl, topic, 1, 0, 3)
 	waitViewers(t, []*sseViewer{v}, 30*time.Second, "the first topic's events",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 3 })
 
 	recreateTopic(t, cl, topic, 1)
 	recreated := time.Now()
 	cl2 := relaytest.Producer(t, testenv.KafkaBrokers(t)) // a fresh client: cl refuses the new topic ID
-	produceSeq(t, cl2, topic, 1, 3, 6)
+	relaytest.ProduceSeq(t, cl2, topic, 1, 3, 6)
 	waitViewers(t, []*sseViewer{v}, 60*time.Second, "the re-created topic's events",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 6 })
 	t.Logf("re-created topic's events delivered %v after its creation", time.Since(recreated).Round(time.Millisecond))
@@ -553,8 +553,8 @@ func timedConnect(t *testing.T, baseURL, token string) (code int, body string, t
 
 // TestDatabaseOutage guards: PostgreSQL down: new viewers get 503 + JSON detail in < 2 s, open streams go on (their credential re-checks fail and keep them), viewers accepted < 5 s after it returns.
 func TestDatabaseOutage(t *testing.T) {
-	env, topic := resumeEnv(t, nil)
-	r, cl := startOnTopic(t, env, topic, 1)
+	env, topic := relaytest.TopicEnv(t, nil)
+	r, cl := relaytest.StartOnTopic(t, env, topic, 1)
 	db := relaytest.DB(t)
 	open := relaytest.AddUser(t, db, "viewer")
 	// Fresh users: never looked up, so a connect must query users (and
@@ -595,7 +595,7 @@ func TestDatabaseOutage(t *testing.T) {
 		t.Fatalf("/readyz = %d with the database down, want 503", code)
 	}
 
-	produceSeq(t, cl, topic, 1, 0, 3)
+	relaytest.ProduceSeq(t, cl, topic, 1, 0, 3)
 	waitViewers(t, []*sseViewer{v}, 30*time.Second, "events during the outage",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 3 })
 
@@ -619,7 +619,7 @@ func TestDatabaseOutage(t *testing.T) {
 		}
 	}
 	t.Logf("new viewers accepted %v after the database returned", time.Since(back).Round(time.Millisecond))
-	produceSeq(t, cl, topic, 1, 3, 5)
+	relaytest.ProduceSeq(t, cl, topic, 1, 3, 5)
 	waitViewers(t, []*sseViewer{v}, 30*time.Second, "events after the outage",
 		func(v *sseViewer) bool { return len(v.liveEvents()) >= 5 })
 	wantSeqs(t, "the open stream", eventSeqs(t, v.liveEvents(), topic), 0, 5)
@@ -644,12 +644,12 @@ func TestSIGTERMWithThousandStreams(t *testing.T) {
 
 func sigtermWithStreams(t *testing.T, viewers int, spread time.Duration) {
 	const shutdownTimeout = 10 * time.Second
-	env, topic := resumeEnv(t, map[string]string{
+	env, topic := relaytest.TopicEnv(t, map[string]string{
 		"RELAY_SSE_MAX_PER_USER": "2000", "RELAY_LOG_LEVEL": "info",
 		"RELAY_SHUTDOWN_TIMEOUT": shutdownTimeout.String(), "RELAY_SHUTDOWN_SPREAD": spread.String(),
 	})
-	r, cl := startOnTopic(t, env, topic, 1)
-	token := viewerToken(t)
+	r, cl := relaytest.StartOnTopic(t, env, topic, 1)
+	token := relaytest.ViewerToken(t)
 
 	vs := openViewers(t, streamClient(t), r.URL, token, viewers)
 	expectStarted(t, vs, 60*time.Second)

@@ -25,10 +25,10 @@ import (
 // (measured on --demo, for the issue).
 func TestHostileResumesMemoryBounded(t *testing.T) {
 	const records, size, users = 20000, 4096, 8
-	env, topic := resumeEnv(t, map[string]string{
+	env, topic := relaytest.TopicEnv(t, map[string]string{
 		"RELAY_REPLAY_WINDOW": "3", "RELAY_SSE_WRITE_TIMEOUT": "3s", "RELAY_LOG_LEVEL": "info",
 	})
-	r, _ := startOnTopic(t, env, topic, 1)
+	r, _ := relaytest.StartOnTopic(t, env, topic, 1)
 
 	pad := strings.Repeat("x", size)
 	batch := make([]*kgo.Record, records)
@@ -60,7 +60,7 @@ func TestHostileResumesMemoryBounded(t *testing.T) {
 	// records: read back, and held for a client that never reads).
 	addr := strings.TrimPrefix(r.URL, "http://")
 	for range users {
-		tok := viewerToken(t)
+		tok := relaytest.ViewerToken(t)
 		for _, id := range []string{idAfter(0), idAfter(records - 1800), idAfter(records - 1800)} {
 			request := "GET " + api.EventsPath + "?token=" + tok + " HTTP/1.1\r\nHost: relay\r\nLast-Event-ID: " + id + "\r\n\r\n"
 			dialStalled(t, addr, []byte(request))

@@ -38,15 +38,15 @@ func freePort(t *testing.T) string {
 func TestRebalanceMovesViewersOnce(t *testing.T) {
 	const viewers, partitions, before, flowing, after = 8, 3, 30, 150, 15
 	port := freePort(t)
-	env, topic := resumeEnv(t, map[string]string{"RELAY_SSE_MAX_PER_USER": "16"})
+	env, topic := relaytest.TopicEnv(t, map[string]string{"RELAY_SSE_MAX_PER_USER": "16"})
 	envA := maps.Clone(env)
 	envA["RELAY_PEERS"] = "localhost:" + port // a name, looked up every round
 	envA["RELAY_REBALANCE_INTERVAL"] = "2s"
-	a, cl := startOnTopic(t, envA, topic, partitions)
-	token := viewerToken(t)
+	a, cl := relaytest.StartOnTopic(t, envA, topic, partitions)
+	token := relaytest.ViewerToken(t)
 
 	ss := make([]*relaytest.Stream, viewers)
-	cs := make([]*collector, viewers)
+	cs := make([]*relaytest.Collector, viewers)
 	ends := make([]int, viewers)
 	var b *relaytest.Process
 	// pump reads what viewer i has received, up to upto events, and says
@@ -54,7 +54,7 @@ func TestRebalanceMovesViewersOnce(t *testing.T) {
 	// EventSource would, from its last id.
 	pump := func(i, upto int) bool {
 		t.Helper()
-		for len(cs[i].seen) < upto {
+		for len(cs[i].Seen) < upto {
 			f, err := ss[i].NextOrEnd(5 * time.Millisecond)
 			switch {
 			case errors.Is(err, io.EOF):
@@ -63,7 +63,7 @@ func TestRebalanceMovesViewersOnce(t *testing.T) {
 				}
 				ends[i]++
 				ss[i].Close()
-				ss[i] = relaytest.DialWith(t, b.URL, token, lastEventID(cs[i].lastID))
+				ss[i] = relaytest.DialWith(t, b.URL, token, lastEventID(cs[i].LastID))
 				openingFrames(t, ss[i])
 			case errors.Is(err, io.ErrUnexpectedEOF):
 				t.Fatalf("viewer %d: stream cut, not ended between frames (partial %q)", i, f)
@@ -71,7 +71,7 @@ func TestRebalanceMovesViewersOnce(t *testing.T) {
 				return false // nothing more yet
 			case strings.HasPrefix(f, ":"):
 			default:
-				cs[i].takeFrame(f) // fails on a duplicate, a step back or a snapshot (no id)
+				cs[i].TakeFrame(f) // fails on a duplicate, a step back or a snapshot (no id)
 			}
 		}
 		return true
@@ -95,9 +95,9 @@ func TestRebalanceMovesViewersOnce(t *testing.T) {
 	for i := range ss {
 		ss[i] = relaytest.Dial(t, a.URL, token)
 		ss[i].ExpectStart(t)
-		cs[i] = newCollector(t)
+		cs[i] = relaytest.NewCollector(t)
 	}
-	produceSeq(t, cl, topic, partitions, 0, before)
+	relaytest.ProduceSeq(t, cl, topic, partitions, 0, before)
 	follow(before)
 
 	// The peer is not up: A's rounds leave it out, count it, end nothing.
@@ -112,7 +112,7 @@ func TestRebalanceMovesViewersOnce(t *testing.T) {
 	b.WaitReady(t)
 
 	// Events flow, one every 20 ms, while A's next round ends its excess.
-	produced := producePaced(cl, topic, partitions, before, before+flowing, 20*time.Millisecond)
+	produced := relaytest.ProducePaced(cl, topic, partitions, before, before+flowing, 20*time.Millisecond)
 	follow(before + flowing)
 	if err := <-produced; err != nil {
 		t.Fatal(err)
@@ -121,11 +121,11 @@ func TestRebalanceMovesViewersOnce(t *testing.T) {
 	// viewer sees the end, and resumes, before it can have them all.
 	waitMetricAtLeast(t, a.URL, `relay_viewer_disconnects_total{reason="rebalance"}`, viewers/2, 20*time.Second)
 	n := before + flowing + after
-	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, partitions, before+flowing, n)
+	relaytest.ProduceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, partitions, before+flowing, n)
 	follow(n)
 	moved := 0
 	for i := range ss {
-		cs[i].complete(n)
+		cs[i].Complete(n)
 		moved += ends[i]
 	}
 

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,129 +13,11 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/testenv"
 	"github.com/decnet/identity-relay/pkg/api"
 )
-
-// seqEvent is what the resume tests publish: a sequence number per partition.
-type seqEvent struct {
-	Partition int32 `json:"p"`
-	Seq       int   `json:"seq"`
-}
-
-// resumeEnv isolates a test on its own topic prefix against the real broker.
-func resumeEnv(t *testing.T, extra map[string]string) (env map[string]string, topic string) {
-	t.Helper()
-	prefix := "identity.t" + relaytest.RandomID(4)
-	env = relaytest.Env(t, testenv.KafkaBrokers(t))
-	env["RELAY_KAFKA_TOPICS_REGEX"] = "^" + strings.ReplaceAll(prefix, ".", `\.`) + `\..+`
-	for k, v := range extra {
-		env[k] = v
-	}
-	return env, prefix + ".seq"
-}
-
-// startOnTopic creates topic with partitions, starts a relay with env and
-// waits until it is ready; it returns the relay and a producer.
-func startOnTopic(t *testing.T, env map[string]string, topic string, partitions int32) (*relaytest.Process, *kgo.Client) {
-	t.Helper()
-	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	relaytest.CreateTopic(t, cl, topic, partitions)
-	r := relaytest.Start(t, env)
-	r.WaitReady(t)
-	return r, cl
-}
-
-// viewerToken adds a viewer to the test database and returns a token for it.
-func viewerToken(t *testing.T) string {
-	t.Helper()
-	return relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, relaytest.DB(t), "viewer"))
-}
-
-// produceSeq produces seqs [from, to) with cl, round-robin over partitions.
-func produceSeq(t *testing.T, cl *kgo.Client, topic string, partitions int32, from, to int) {
-	t.Helper()
-	for i := from; i < to; i++ {
-		p := int32(i) % partitions
-		relaytest.Produce(t, cl, topic, p, fmt.Sprintf(`{"p":%d,"seq":%d}`, p, i))
-	}
-}
-
-// producePaced produces seqs [from, to) as produceSeq does, one every
-// pause, in a goroutine of its own; the channel gets its first error, or
-// nil once the last is acknowledged.
-func producePaced(cl *kgo.Client, topic string, partitions int32, from, to int, pause time.Duration) <-chan error {
-	produced := make(chan error, 1)
-	go func() {
-		for i := from; i < to; i++ {
-			p := int32(i) % partitions
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			err := cl.ProduceSync(ctx, &kgo.Record{Topic: topic, Partition: p, Value: fmt.Appendf(nil, `{"p":%d,"seq":%d}`, p, i)}).FirstErr()
-			cancel()
-			if err != nil {
-				produced <- err
-				return
-			}
-			time.Sleep(pause)
-		}
-		produced <- nil
-	}()
-	return produced
-}
-
-// collector keeps what a viewer received, checking per-partition order and duplicates.
-type collector struct {
-	t      *testing.T
-	seen   map[int]bool
-	lastBy map[int32]int
-	lastID string
-}
-
-func newCollector(t *testing.T) *collector {
-	return &collector{t: t, seen: map[int]bool{}, lastBy: map[int32]int{}}
-}
-
-// take reads one event frame from s and records it.
-func (c *collector) take(s *relaytest.Stream, timeout time.Duration) {
-	c.t.Helper()
-	c.takeFrame(s.NextEvent(c.t, timeout))
-}
-
-// takeFrame records one event frame.
-func (c *collector) takeFrame(frame string) {
-	c.t.Helper()
-	id, rest := relaytest.SplitID(c.t, frame)
-	_, data, ok := strings.Cut(rest, "\ndata: ")
-	if !ok {
-		c.t.Fatalf("frame without data: %q", rest)
-	}
-	var env struct {
-		Payload seqEvent `json:"payload"`
-	}
-	if err := json.Unmarshal([]byte(strings.TrimSuffix(data, "\n\n")), &env); err != nil {
-		c.t.Fatalf("data %q: %v", data, err)
-	}
-	ev := env.Payload
-	if c.seen[ev.Seq] {
-		c.t.Fatalf("seq %d delivered twice", ev.Seq)
-	}
-	if last, ok := c.lastBy[ev.Partition]; ok && ev.Seq <= last {
-		c.t.Fatalf("partition %d: seq %d after %d", ev.Partition, ev.Seq, last)
-	}
-	c.seen[ev.Seq], c.lastBy[ev.Partition], c.lastID = true, ev.Seq, id
-}
-
-func (c *collector) complete(n int) {
-	c.t.Helper()
-	for i := range n {
-		if !c.seen[i] {
-			c.t.Fatalf("seq %d never delivered (%d of %d seen)", i, len(c.seen), n)
-		}
-	}
-}
 
 func lastEventID(id string) http.Header { return http.Header{"Last-Event-Id": {id}} }
 
@@ -144,7 +25,7 @@ func lastEventID(id string) http.Header { return http.Header{"Last-Event-Id": {i
 // its last id, and ends with the complete sequence: in per-partition order,
 // nothing twice, and no snapshot on the resume.
 func TestResumeOnAnotherReplica(t *testing.T) {
-	env, topic := resumeEnv(t, nil)
+	env, topic := relaytest.TopicEnv(t, nil)
 	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
 	relaytest.CreateTopic(t, cl, topic, 3)
 	a, b := relaytest.Start(t, env), relaytest.Start(t, env)
@@ -154,22 +35,22 @@ func TestResumeOnAnotherReplica(t *testing.T) {
 	token := relaytest.Token(t, relaytest.Secret, relaytest.AddUser(t, db, "viewer"))
 
 	const n = 60
-	c := newCollector(t)
+	c := relaytest.NewCollector(t)
 	s := relaytest.Dial(t, a.URL, token)
 	s.ExpectStart(t)
-	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 3, 0, n/2)
+	relaytest.ProduceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 3, 0, n/2)
 	for range n / 3 {
-		c.take(s, 15*time.Second)
+		c.Take(s, 15*time.Second)
 	}
 	s.Close()
-	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 3, n/2, n)
+	relaytest.ProduceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 3, n/2, n)
 
-	s = relaytest.DialWith(t, b.URL, token, lastEventID(c.lastID))
+	s = relaytest.DialWith(t, b.URL, token, lastEventID(c.LastID))
 	openingFrames(t, s)
-	for len(c.seen) < n {
-		c.take(s, 15*time.Second) // a snapshot frame here would fail SplitID
+	for len(c.Seen) < n {
+		c.Take(s, 15*time.Second) // a snapshot frame here would fail SplitID
 	}
-	c.complete(n)
+	c.Complete(n)
 	if got := relaytest.Metric(t, b.URL, `relay_resumes_total{via="window"}`); got != 1 {
 		t.Fatalf("relay_resumes_total{via=window} = %v, want 1", got)
 	}
@@ -178,9 +59,9 @@ func TestResumeOnAnotherReplica(t *testing.T) {
 // A viewer that stops reading is dropped as slow, resumes with its last id,
 // and ends with every event.
 func TestStalledViewerResumesComplete(t *testing.T) {
-	env, topic := resumeEnv(t, map[string]string{"RELAY_SUBSCRIBER_BUFFER": "8"})
-	r, cl := startOnTopic(t, env, topic, 2)
-	token := viewerToken(t)
+	env, topic := relaytest.TopicEnv(t, map[string]string{"RELAY_SUBSCRIBER_BUFFER": "8"})
+	r, cl := relaytest.StartOnTopic(t, env, topic, 2)
+	token := relaytest.ViewerToken(t)
 
 	// Big events fill the socket buffers quickly, then the 8-frame channel.
 	pad := strings.Repeat("x", 16<<10)
@@ -199,7 +80,7 @@ func TestStalledViewerResumesComplete(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	s.Resume()
-	c := newCollector(t)
+	c := relaytest.NewCollector(t)
 	for {
 		f, err := s.NextOrEnd(10 * time.Second)
 		if err != nil {
@@ -208,17 +89,17 @@ func TestStalledViewerResumesComplete(t *testing.T) {
 		if strings.HasPrefix(f, ":") {
 			continue
 		}
-		c.takeFrame(f)
+		c.TakeFrame(f)
 	}
-	got := len(c.seen)
+	got := len(c.Seen)
 	if got >= n {
 		t.Fatalf("the stalled viewer got all %d events before the cut: the test did not stall it", got)
 	}
-	s2 := relaytest.DialWith(t, r.URL, token, lastEventID(c.lastID))
-	for len(c.seen) < n {
-		c.take(s2, 15*time.Second)
+	s2 := relaytest.DialWith(t, r.URL, token, lastEventID(c.LastID))
+	for len(c.Seen) < n {
+		c.Take(s2, 15*time.Second)
 	}
-	c.complete(n)
+	c.Complete(n)
 	t.Logf("cut after %d events, resumed with the other %d", got, n-got)
 }
 
@@ -239,13 +120,13 @@ func openingFrames(t *testing.T, s *relaytest.Stream) {
 // holds, or with an id the relay did not make, the viewer gets a fresh
 // snapshot and then the live stream.
 func TestResumeEdges(t *testing.T) {
-	env, topic := resumeEnv(t, map[string]string{"RELAY_REPLAY_WINDOW": "5"})
-	r, cl := startOnTopic(t, env, topic, 1)
-	token := viewerToken(t)
+	env, topic := relaytest.TopicEnv(t, map[string]string{"RELAY_REPLAY_WINDOW": "5"})
+	r, cl := relaytest.StartOnTopic(t, env, topic, 1)
+	token := relaytest.ViewerToken(t)
 
 	s := relaytest.Dial(t, r.URL, token)
 	s.ExpectStart(t)
-	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 0, 20)
+	relaytest.ProduceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 0, 20)
 	ids := make([]string, 20)
 	for i := range ids {
 		ids[i], _ = relaytest.SplitID(t, s.NextEvent(t, 15*time.Second))
@@ -256,14 +137,14 @@ func TestResumeEdges(t *testing.T) {
 	resumed := func(t *testing.T, s *relaytest.Stream, first int) {
 		t.Helper()
 		openingFrames(t, s)
-		c := newCollector(t)
+		c := relaytest.NewCollector(t)
 		for i := first; i < 20; i++ {
-			c.take(s, 15*time.Second) // a snapshot frame here would fail SplitID
-			if !c.seen[i] || len(c.seen) != i-first+1 {
-				t.Fatalf("frame %d: got %v, want seqs %d..%d in order", i-first, c.seen, first, i)
+			c.Take(s, 15*time.Second) // a snapshot frame here would fail SplitID
+			if !c.Seen[i] || len(c.Seen) != i-first+1 {
+				t.Fatalf("frame %d: got %v, want seqs %d..%d in order", i-first, c.Seen, first, i)
 			}
-			if c.lastID != ids[i] {
-				t.Fatalf("seq %d has id %q, want %q, the id the live stream gave it", i, c.lastID, ids[i])
+			if c.LastID != ids[i] {
+				t.Fatalf("seq %d has id %q, want %q, the id the live stream gave it", i, c.LastID, ids[i])
 			}
 		}
 	}
@@ -292,11 +173,11 @@ func TestResumeEdges(t *testing.T) {
 			if f := s.Next(t, 10*time.Second); !strings.HasPrefix(f, "event: snapshot\ndata: {\"identities\":") {
 				t.Fatalf("frame %q, want a snapshot", f)
 			}
-			produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 100, 101)
-			c := newCollector(t)
-			c.take(s, 15*time.Second)
-			if !c.seen[100] || len(c.seen) != 1 {
-				t.Fatalf("after the snapshot got %v, want the live seq 100 only", c.seen)
+			relaytest.ProduceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 100, 101)
+			c := relaytest.NewCollector(t)
+			c.Take(s, 15*time.Second)
+			if !c.Seen[100] || len(c.Seen) != 1 {
+				t.Fatalf("after the snapshot got %v, want the live seq 100 only", c.Seen)
 			}
 		})
 	}
@@ -321,14 +202,14 @@ func tableScans(t *testing.T, table string) int64 {
 // the database sees a handful of queries, not thousands.
 func TestReconnectStormQueries(t *testing.T) {
 	const viewers = 5000
-	env, topic := resumeEnv(t, map[string]string{
+	env, topic := relaytest.TopicEnv(t, map[string]string{
 		"RELAY_SSE_MAX_PER_USER": "10000", "RELAY_LOG_LEVEL": "info",
 	})
-	r, _ := startOnTopic(t, env, topic, 1)
-	token := viewerToken(t)
+	r, _ := relaytest.StartOnTopic(t, env, topic, 1)
+	token := relaytest.ViewerToken(t)
 	s := relaytest.Dial(t, r.URL, token)
 	s.ExpectStart(t)
-	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 0, 10)
+	relaytest.ProduceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, 1, 0, 10)
 	var id string
 	for range 5 {
 		id, _ = relaytest.SplitID(t, s.NextEvent(t, 15*time.Second))
@@ -425,18 +306,18 @@ func TestReconnectStormQueries(t *testing.T) {
 // event exactly once and in order, never a snapshot again.
 func TestLifetimeResumesExactlyOnce(t *testing.T) {
 	const n = 150
-	env, topic := resumeEnv(t, map[string]string{"RELAY_SSE_MAX_LIFETIME": "1s", "RELAY_SSE_LIFETIME_JITTER": "0.5"})
-	r, cl := startOnTopic(t, env, topic, 3)
-	token := viewerToken(t)
+	env, topic := relaytest.TopicEnv(t, map[string]string{"RELAY_SSE_MAX_LIFETIME": "1s", "RELAY_SSE_LIFETIME_JITTER": "0.5"})
+	r, cl := relaytest.StartOnTopic(t, env, topic, 3)
+	token := relaytest.ViewerToken(t)
 
 	// Events flow all along, one every 25 ms: several lifetimes' worth.
-	produced := producePaced(cl, topic, 3, 0, n, 25*time.Millisecond)
+	produced := relaytest.ProducePaced(cl, topic, 3, 0, n, 25*time.Millisecond)
 
-	c := newCollector(t)
+	c := relaytest.NewCollector(t)
 	ends := 0
 	s := relaytest.Dial(t, r.URL, token)
 	s.ExpectStart(t)
-	for !c.seen[n-1] {
+	for !c.Seen[n-1] {
 		f, err := s.NextOrEnd(30 * time.Second)
 		switch {
 		case errors.Is(err, io.EOF):
@@ -445,12 +326,12 @@ func TestLifetimeResumesExactlyOnce(t *testing.T) {
 			// starts again as a new viewer.
 			ends++
 			s.Close()
-			if c.lastID == "" {
+			if c.LastID == "" {
 				s = relaytest.Dial(t, r.URL, token)
 				s.ExpectStart(t)
 				continue
 			}
-			s = relaytest.DialWith(t, r.URL, token, lastEventID(c.lastID))
+			s = relaytest.DialWith(t, r.URL, token, lastEventID(c.LastID))
 			openingFrames(t, s)
 			continue
 		case err != nil:
@@ -458,18 +339,18 @@ func TestLifetimeResumesExactlyOnce(t *testing.T) {
 		case strings.HasPrefix(f, ":"):
 			continue
 		}
-		c.takeFrame(f) // fails on a duplicate, a step back or a snapshot (no id)
+		c.TakeFrame(f) // fails on a duplicate, a step back or a snapshot (no id)
 	}
 	s.Close()
 	if err := <-produced; err != nil {
 		t.Fatal(err)
 	}
 	first := n - 1
-	for seq := range c.seen {
+	for seq := range c.Seen {
 		first = min(first, seq)
 	}
 	for i := first; i < n; i++ {
-		if !c.seen[i] {
+		if !c.Seen[i] {
 			t.Fatalf("seq %d never delivered (received %d..%d with %d lifetime ends)", i, first, n-1, ends)
 		}
 	}

@@ -17,14 +17,14 @@ import (
 // viewers' streams cleanly within the drain while the others miss nothing.
 func TestScaleOutThreeReplicas(t *testing.T) {
 	const perReplica, partitions, first, second = 4, 4, 120, 120
-	env, topic := resumeEnv(t, nil)
+	env, topic := relaytest.TopicEnv(t, nil)
 	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
 	relaytest.CreateTopic(t, cl, topic, partitions)
 	replicas := []*relaytest.Process{relaytest.Start(t, env), relaytest.Start(t, env), relaytest.Start(t, env)}
-	token := viewerToken(t)
+	token := relaytest.ViewerToken(t)
 	type viewer struct {
 		s *relaytest.Stream
-		c *collector
+		c *relaytest.Collector
 	}
 	var byReplica [][]viewer
 	for _, r := range replicas {
@@ -33,18 +33,18 @@ func TestScaleOutThreeReplicas(t *testing.T) {
 		for range perReplica {
 			s := relaytest.Dial(t, r.URL, token)
 			s.ExpectStart(t)
-			vs = append(vs, viewer{s, newCollector(t)})
+			vs = append(vs, viewer{s, relaytest.NewCollector(t)})
 		}
 		byReplica = append(byReplica, vs)
 	}
 
-	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, partitions, 0, first)
+	relaytest.ProduceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, partitions, 0, first)
 	for _, vs := range byReplica {
 		for _, v := range vs {
-			for len(v.c.seen) < first {
-				v.c.take(v.s, 15*time.Second)
+			for len(v.c.Seen) < first {
+				v.c.Take(v.s, 15*time.Second)
 			}
-			v.c.complete(first)
+			v.c.Complete(first)
 		}
 	}
 
@@ -52,7 +52,7 @@ func TestScaleOutThreeReplicas(t *testing.T) {
 	drained := replicas[0]
 	start := time.Now()
 	drained.Signal(syscall.SIGTERM)
-	produceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, partitions, first, first+second)
+	relaytest.ProduceSeq(t, relaytest.Producer(t, testenv.KafkaBrokers(t)), topic, partitions, first, first+second)
 	for i, v := range byReplica[0] {
 		for {
 			f, err := v.s.NextOrEnd(15 * time.Second)
@@ -63,7 +63,7 @@ func TestScaleOutThreeReplicas(t *testing.T) {
 				t.Fatalf("drained viewer %d: %v (partial frame %q)", i, err, f)
 			}
 			if !strings.HasPrefix(f, ":") {
-				v.c.takeFrame(f) // frames queued before the drain are still whole and in order
+				v.c.TakeFrame(f) // frames queued before the drain are still whole and in order
 			}
 		}
 	}
@@ -74,10 +74,10 @@ func TestScaleOutThreeReplicas(t *testing.T) {
 	t.Logf("drained replica's streams ended and it exited %v after SIGTERM", time.Since(start).Round(time.Millisecond))
 	for _, vs := range byReplica[1:] {
 		for _, v := range vs {
-			for len(v.c.seen) < first+second {
-				v.c.take(v.s, 15*time.Second)
+			for len(v.c.Seen) < first+second {
+				v.c.Take(v.s, 15*time.Second)
 			}
-			v.c.complete(first + second)
+			v.c.Complete(first + second)
 		}
 	}
 }

@@ -6,6 +6,8 @@
 //	RELAY_TEST_KAFKA_BROKERS     comma-separated host:port list
 //	RELAY_TEST_PG_SCRIPT         absolute path of scripts/pg.sh (stop/start)
 //	RELAY_TEST_KAFKA_SCRIPT      absolute path of scripts/kafka.sh (stop/start)
+//	RELAY_TEST_CHROMIUM          the Chromium for the browser tests
+//	                             (scripts/chromium.sh installs it)
 //	RELAY_TEST_REQUIRE_SERVICES  "1": a missing variable fails the test
 //	                             instead of skipping it (set by make test)
 //
@@ -30,6 +32,7 @@ const (
 	EnvKafkaBrokers    = "RELAY_TEST_KAFKA_BROKERS"
 	EnvPGScript        = "RELAY_TEST_PG_SCRIPT"
 	EnvKafkaScript     = "RELAY_TEST_KAFKA_SCRIPT"
+	EnvChromium        = "RELAY_TEST_CHROMIUM"
 	EnvRequireServices = "RELAY_TEST_REQUIRE_SERVICES"
 	scriptTimeout      = 3 * time.Minute
 	missingServiceHint = "run `make test`, or `make services-up` and export what it prints"
@@ -75,6 +78,12 @@ func KafkaBrokers(t testing.TB) []string {
 		t.Fatalf("%s=%q holds no broker address", EnvKafkaBrokers, raw)
 	}
 	return out
+}
+
+// Chromium returns the path of the browser for the browser tests (RELAY_TEST_CHROMIUM).
+func Chromium(t testing.TB) string {
+	t.Helper()
+	return lookup(t, EnvChromium, "Chromium")
 }
 
 // StopKafka stops the test broker; its data stays for StartKafka.

@@ -223,10 +223,11 @@ func TestKFakePacing(t *testing.T) {
 			const topic = "identity.paced"
 			_, brokers := newKFake(t, 1, topic)
 			sink := &recSink{behind: tc.behind}
-			// Backfill at least the records produced: the partition, empty at
-			// start-up, is read from its log start even if the consumer
-			// resolves its start offset (end - Backfill) after the produce.
-			_, reg := runConsumer(t, Config{Brokers: brokers, Backfill: records}, sink)
+			// Produce once ready: the start-up read has taken its end offsets,
+			// so every record is live (before, under load, the consumer could
+			// take them after the produce and call the records backfill).
+			cons, reg := runConsumer(t, Config{Brokers: brokers, Backfill: records}, sink)
+			waitReady(t, cons)
 			p := newProducer(t, brokers)
 			values := seqValues(topic, 0, 0, records)
 			p.produce(topic, 0, values...)
@@ -260,8 +261,9 @@ func TestKFakeBadRecordsSkipped(t *testing.T) {
 	}
 	_, brokers := newKFake(t, 1, topic)
 	sink := &recSink{}
-	// Backfill above the records produced: see TestKFakePacing.
-	_, reg := runConsumer(t, Config{Brokers: brokers, Backfill: 100, MaxRecordBytes: 100}, sink)
+	// Produced once ready, so live: see TestKFakePacing.
+	cons, reg := runConsumer(t, Config{Brokers: brokers, Backfill: 100, MaxRecordBytes: 100}, sink)
+	waitReady(t, cons)
 	p := newProducer(t, brokers)
 	// good, bad, good, bad, …, good: the good ones at even offsets.
 	var values [][]byte
