@@ -39,6 +39,9 @@ func newBrowser(t *testing.T) context.Context {
 		chromedp.NoSandbox, // as root, Chromium refuses to start with its sandbox
 		chromedp.DisableGPU,
 		chromedp.UserDataDir(t.TempDir()),
+		// Its singleton socket's directory goes to $TMPDIR, and a killed
+		// Chromium leaves it behind: in t's own, removed at cleanup.
+		chromedp.Env("TMPDIR="+t.TempDir()),
 		chromedp.CombinedOutput(out),
 	)
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
