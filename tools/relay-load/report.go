@@ -82,6 +82,9 @@ type report struct {
 	// The tool's own CPU over the same interval (every process of it): on a
 	// shared machine it is what the relay did not get.
 	ToolCPUSecs float64 `json:"tool_cpu_secs"`
+	// ... per million frames of the window: what a frame costs the tool
+	// (reading, parsing, producing), to set against the relay's figure.
+	ToolCPUPerMillion float64 `json:"tool_cpu_secs_per_million_frames"`
 
 	Keepalive struct {
 		ConfiguredSecs float64 `json:"configured_secs"`
@@ -229,6 +232,9 @@ func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, 
 	}
 	if d.WindowSecs > 0 {
 		d.FramesPerSec = float64(frames) / d.WindowSecs
+	}
+	if frames > 0 {
+		r.ToolCPUPerMillion = r.ToolCPUSecs / (float64(frames) / 1e6)
 	}
 
 	l := &r.Latency
@@ -435,8 +441,8 @@ func printTable(r *report, w io.Writer) {
 			p("relay cpu", "%.2f CPU-s over %.1fs (%.3f cores)", rl.CPUSecs, rl.CPUMeasuredOverSecs, rl.CPUUtilisationPerCPU)
 		}
 		if r.ToolCPUSecs > 0 && rl.CPUMeasuredOverSecs > 0 {
-			p("tool cpu", "%.2f CPU-s over the same interval (%.2f cores), every process of the tool",
-				r.ToolCPUSecs, r.ToolCPUSecs/rl.CPUMeasuredOverSecs)
+			p("tool cpu", "%.2f CPU-s over the same interval (%.2f cores) = %.2f CPU-s per million frames, every process of the tool",
+				r.ToolCPUSecs, r.ToolCPUSecs/rl.CPUMeasuredOverSecs, r.ToolCPUPerMillion)
 		}
 		p("relay rss", "%s before viewers, %s after connecting: %.1f KiB per viewer; max %s",
 			mib(rl.RSSBefore), mib(rl.RSSAfterConnect), rl.RSSPerViewer/1024, mib(rl.RSSMax))
