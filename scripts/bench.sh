@@ -70,6 +70,9 @@
 #                                    measurement (BENCHMARKS.md); its line follows the tool's report
 #   BENCH_RELAY_ENV                  extra settings for every relay, e.g. "RELAY_SSE_KEEPALIVE=5s"
 #                                    (RELAY_SUBSCRIBER_BUFFER and RELAY_SSE_KEEPALIVE also reach the peers)
+#   BENCH_SERVER_CPUS                CPUs (taskset list, e.g. 1) for the relay or peer under test
+#   BENCH_TOOL_CPUS                  CPUs for relay-load and kfake (e.g. 0): with both set the
+#                                    tool does not share cores with the server (other work may)
 #   BENCH_CENTRIFUGO                 the Centrifugo binary (~/.cache/relay-bench/bin/centrifugo;
 #                                    installed there with go install when absent)
 #
@@ -93,6 +96,9 @@ DURATION="${BENCH_DURATION:-60s}"
 WARMUP="${BENCH_WARMUP:-10s}"
 PERF="${BENCH_PERF:-0}"
 EXTRA="${BENCH_EXTRA:-}"
+SERVER_PIN=() TOOL_PIN=()
+[ -n "${BENCH_SERVER_CPUS:-}" ] && SERVER_PIN=(taskset -c "$BENCH_SERVER_CPUS")
+[ -n "${BENCH_TOOL_CPUS:-}" ] && TOOL_PIN=(taskset -c "$BENCH_TOOL_CPUS")
 
 BROKER_MODE=kafka
 ONLY="1,2,3,4,5,6"
@@ -160,7 +166,7 @@ psql -X -q -v ON_ERROR_STOP=1 "$DB_URL" \
 if [ "$BROKER_MODE" = kafka ]; then
 	BROKERS="$(bash "$SCRIPT_DIR/kafka.sh" start)"
 else
-	"$BIN/relay-load" --kfake --kfake-port "$RELAY_TEST_KAFKA_PORT" --kfake-for 6h >"$OUT/kfake.addr" 2>"$OUT/kfake.log" &
+	"${TOOL_PIN[@]}" "$BIN/relay-load" --kfake --kfake-port "$RELAY_TEST_KAFKA_PORT" --kfake-for 6h >"$OUT/kfake.addr" 2>"$OUT/kfake.log" &
 	KFAKE_PID=$!
 	for _ in $(seq 50); do [ -s "$OUT/kfake.addr" ] && break; sleep 0.1; done
 	BROKERS="$(head -n1 "$OUT/kfake.addr")"
@@ -230,15 +236,15 @@ run_scenario() {
 	done
 	case "$TARGET" in
 	minimal)
-		"$BIN/minimal" --listen "127.0.0.1:$RELAY_PORT" --brokers "$BROKERS" --buffer "${buffer:-256}" --keepalive "$keepalive" >"$OUT/relay-$name.log" 2>&1 &
+		"${SERVER_PIN[@]}" "$BIN/minimal" --listen "127.0.0.1:$RELAY_PORT" --brokers "$BROKERS" --buffer "${buffer:-256}" --keepalive "$keepalive" >"$OUT/relay-$name.log" 2>&1 &
 		;;
 	centrifugo)
 		protocol=centrifugo ready=health
 		centrifugo_config "$topic" "$buffer" "$keepalive" >"$CF_DIR/$name.json"
-		"$CENTRIFUGO" --config "$CF_DIR/$name.json" >"$OUT/relay-$name.log" 2>&1 &
+		"${SERVER_PIN[@]}" "$CENTRIFUGO" --config "$CF_DIR/$name.json" >"$OUT/relay-$name.log" 2>&1 &
 		;;
 	*)
-		env -i PATH="$PATH" HOME="$HOME" "${env[@]}" "$BIN/relay" >"$OUT/relay-$name.log" 2>&1 &
+		"${SERVER_PIN[@]}" env -i PATH="$PATH" HOME="$HOME" "${env[@]}" "$BIN/relay" >"$OUT/relay-$name.log" 2>&1 &
 		;;
 	esac
 	RELAY_PID=$!
@@ -250,7 +256,7 @@ run_scenario() {
 	done
 	[ -n "$ok" ] || { tail -n 20 "$OUT/relay-$name.log" >&2; die "relay not ready"; }
 
-	local cmd=("$BIN/relay-load" --url "$RELAY_URL" --user "$USER_ID"
+	local cmd=("${TOOL_PIN[@]}" "$BIN/relay-load" --url "$RELAY_URL" --user "$USER_ID"
 		--brokers "$BROKERS" --topic "$topic" --relay-pid "$RELAY_PID" --label "scenario $name"
 		--json-out "$OUT/s$name.json" --delete-topic --protocol "$protocol" "$@")
 	# shellcheck disable=SC2206

@@ -510,7 +510,12 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 		}
 		sleepCtx(ctx, time.Until(winTo)+10*time.Millisecond)
 		t0.Stop()
-		t1.Stop()
+		if t1.Stop() {
+			// Not yet run (a loaded machine can delay a timer past the
+			// 10 ms above): without this read the relay's CPU over the
+			// window came out negative.
+			readCPU(&cpu1)
+		}
 	case "burst":
 		winFrom = time.Now()
 		winTo = time.Unix(0, math.MaxInt64)
