@@ -67,7 +67,8 @@
 #   BENCH_EXTRA                      extra flags for every relay-load run
 #   BENCH_PROBE                      N: in the rate runs of the minimal server, N more viewers
 #                                    read by tools/relay-load/probe, the calibration's second
-#                                    measurement (BENCHMARKS.md); its line follows the tool's report
+#                                    measurement (BENCHMARKS.md), over the records the tool
+#                                    measures (chosen by seq); its line follows the tool's report
 #   BENCH_RELAY_ENV                  extra settings for every relay, e.g. "RELAY_SSE_KEEPALIVE=5s"
 #                                    (RELAY_SUBSCRIBER_BUFFER and RELAY_SSE_KEEPALIVE also reach the peers)
 #   BENCH_SERVER_CPUS                CPUs (taskset list, e.g. 1) for the relay or peer under test
@@ -120,6 +121,13 @@ while [ $# -gt 0 ]; do
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 targeted() { [[ ",$TARGETS," == *",$1,"* ]]; }
+secs() { # a duration of the form 20s or 2m, in seconds
+	case "$1" in
+	*[0-9]s) echo "${1%s}" ;;
+	*[0-9]m) echo $((${1%m} * 60)) ;;
+	*) die "BENCH_PROBE wants durations like 20s or 2m, not $1" ;;
+	esac
+}
 log() { echo "bench.sh: $*" >&2; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive integer, not $RUNS"
@@ -276,14 +284,20 @@ run_scenario() {
 	fi
 	local probe_pid=""
 	if [ -n "${BENCH_PROBE:-}" ] && [ "$TARGET" = minimal ] && [[ " $* " == *" --rate "* ]]; then
-		# Its window starts with the tool's warm-up; the tool's own starts
-		# after connecting and priming, about 3 s later: both steady state.
-		"$BIN/probe" --url "$RELAY_URL/api/v1/identities/events" --viewers "$BENCH_PROBE" --after "$WARMUP" --for "$DURATION" >"$OUT/probe-$name.txt" 2>&1 &
+		# The records the tool measures, by seq: the tool's 3 partitions
+		# take the rate in turn, and its window follows the warm-up.
+		local rate="" prev="" a
+		for a in "$@"; do [ "$prev" = --rate ] && rate=$a; prev=$a; done
+		"$BIN/probe" --url "$RELAY_URL/api/v1/identities/events" --viewers "$BENCH_PROBE" \
+			--seq-from "$(awk -v r="$rate" -v w="$(secs "$WARMUP")" 'BEGIN { printf "%d", r * w / 3 }')" \
+			--seq-to "$(awk -v r="$rate" -v w="$(secs "$WARMUP")" -v d="$(secs "$DURATION")" 'BEGIN { printf "%d", r * (w + d) / 3 }')" \
+			>"$OUT/probe-$name.txt" 2>&1 &
 		probe_pid=$!
 	fi
 	local rc=0
 	RELAY_JWT_SECRET="$SECRET" "${cmd[@]}" >"$OUT/s$name.txt" 2>"$OUT/s$name.progress" || rc=$?
 	if [ -n "$probe_pid" ]; then
+		kill -TERM "$probe_pid" 2>/dev/null || true
 		wait "$probe_pid" || true
 		cat "$OUT/probe-$name.txt" >>"$OUT/s$name.txt"
 	fi
@@ -345,5 +359,5 @@ fi
 for f in "$OUT"/s*.txt; do
 	[ -e "$f" ] || continue
 	head -n1 "$f"
-	grep -E '^  (delivery|latency|relay cpu|tool cpu|relay rss|keepalive|stalled|keeps up) ' "$f" || true
+	grep -E '^  (delivery|latency|relay cpu|relay writes|tool cpu|relay rss|keepalive|stalled|keeps up) ' "$f" || true
 done

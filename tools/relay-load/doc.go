@@ -98,6 +98,9 @@
 //     end of the measured interval, per million frames of that interval. The
 //     tool's own CPU over the same interval (every process: reading,
 //     parsing, producing) is reported too, also per million frames.
+//   - relay writes: the relay's write system calls over the same interval
+//     (syscw of /proc/<--relay-pid>/io: write and writev) per frame; its
+//     inverse is how many frames a write carried.
 //   - relay RSS per viewer: (VmRSS after connecting and --settle − VmRSS
 //     before connecting) / viewers connected. Garbage collection moves RSS by
 //     megabytes, so the figure means something with thousands of viewers.

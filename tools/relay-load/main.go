@@ -456,15 +456,15 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 		}
 	}
 
-	var cpu0, cpu1 time.Duration
+	var cpu0, cpu1 usage
 	var cpuMu sync.Mutex
-	readCPU := func(into *time.Duration) {
+	readCPU := func(into *usage) {
 		if cfg.RelayPID == 0 {
 			return
 		}
-		if d, err := relayCPU(cfg.RelayPID); err == nil {
+		if u, err := relayUsage(cfg.RelayPID); err == nil {
 			cpuMu.Lock()
-			*into = d
+			*into = u
 			cpuMu.Unlock()
 		}
 	}
@@ -569,7 +569,7 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 		samples = sm.stop()
 	}
 	cpuMu.Lock()
-	cpuUsed := cpu1 - cpu0
+	cpuUsed := usage{cpu: cpu1.cpu - cpu0.cpu, writes: cpu1.writes - cpu0.writes}
 	cpuMu.Unlock()
 	rep.finish(cfg, all, expect, winFrom, winTo, doneAt, cpuUsed, samples, start)
 	say("done")

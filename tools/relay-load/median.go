@@ -40,6 +40,9 @@ func runMedian(files []string, stdout io.Writer) error {
 		{"relay CPU-s per M frames", func(r *report) (float64, bool) {
 			return r.Relay.CPUSecsPerMillion, r.Relay.CPUSecsPerMillion > 0
 		}, ""},
+		{"relay write syscalls per frame", func(r *report) (float64, bool) {
+			return r.Relay.WritesPerFrame, r.Relay.WritesPerFrame > 0
+		}, ""},
 		{"relay cores busy", func(r *report) (float64, bool) {
 			return r.Relay.CPUUtilisationPerCPU, r.Relay.CPUMeasuredOverSecs > 0
 		}, ""},

@@ -70,6 +70,8 @@ type report struct {
 		PID                  int      `json:"pid,omitempty"`
 		CPUSecs              float64  `json:"cpu_secs"`
 		CPUSecsPerMillion    float64  `json:"cpu_secs_per_million_frames"`
+		Writes               int64    `json:"write_syscalls"` // over the same interval as the CPU
+		WritesPerFrame       float64  `json:"write_syscalls_per_frame"`
 		RSSBefore            int64    `json:"rss_before_bytes"`
 		RSSAfterConnect      int64    `json:"rss_after_connect_bytes"`
 		RSSPerViewer         float64  `json:"rss_per_viewer_bytes"`
@@ -193,7 +195,7 @@ func finite(f float64) float64 {
 
 // finish computes the figures from the merged results.
 func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, winTo, doneAt time.Time,
-	cpu time.Duration, samples []sample, start time.Time) {
+	used usage, samples []sample, start time.Time) {
 	r.Viewers.Connected = all.Connect.Connected
 	r.Viewers.Failures = all.Connect.Failures
 	r.Viewers.ConnectSecs = all.Connect.Secs
@@ -250,7 +252,8 @@ func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, 
 		rl.RSSMax = max(rl.RSSMax, s.RSS)
 	}
 	if cfg.RelayPID > 0 {
-		rl.CPUSecs = cpu.Seconds()
+		rl.CPUSecs = used.cpu.Seconds()
+		rl.Writes = used.writes
 		switch r.Mode {
 		case "burst":
 			rl.CPUMeasuredOverSecs = doneAt.Sub(winFrom).Seconds()
@@ -262,6 +265,7 @@ func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, 
 		}
 		if frames > 0 {
 			rl.CPUSecsPerMillion = rl.CPUSecs / (float64(frames) / 1e6)
+			rl.WritesPerFrame = float64(rl.Writes) / float64(frames)
 		}
 	}
 
@@ -439,6 +443,10 @@ func printTable(r *report, w io.Writer) {
 				rl.CPUSecs, rl.CPUMeasuredOverSecs, rl.CPUUtilisationPerCPU, rl.CPUSecsPerMillion)
 		} else {
 			p("relay cpu", "%.2f CPU-s over %.1fs (%.3f cores)", rl.CPUSecs, rl.CPUMeasuredOverSecs, rl.CPUUtilisationPerCPU)
+		}
+		if rl.Writes > 0 && r.Mode != "idle" {
+			p("relay writes", "%d write system calls over the same interval = %.3f per frame (%.1f frames a write)",
+				rl.Writes, rl.WritesPerFrame, 1/rl.WritesPerFrame)
 		}
 		if r.ToolCPUSecs > 0 && rl.CPUMeasuredOverSecs > 0 {
 			p("tool cpu", "%.2f CPU-s over the same interval (%.2f cores) = %.2f CPU-s per million frames, every process of the tool",

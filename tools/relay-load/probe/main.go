@@ -5,32 +5,40 @@
 // after the line was read − the record's sent_ns. It shares no code with
 // relay-load's viewers (raw reads, the incremental parser, the receive
 // time taken at the read's return, a log-linear histogram): where the two
-// agree, neither method is what the figure measures. It prints exact
-// quantiles of every event sent between --after and --after+--for.
+// agree, neither method is what the figure measures. It reads until
+// SIGTERM (or SIGINT) and then prints exact quantiles over the events whose
+// per-partition seq is in [--seq-from, --seq-to): the records that the
+// tool measures in its window are chosen by seq the same way (bench.sh
+// passes rate × warm-up ÷ partitions and rate × (warm-up + duration) ÷
+// partitions).
 package main
 
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"log"
+	"math"
 	"net/http"
 	"os"
+	"os/signal"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 )
 
 func main() {
 	url := flag.String("url", "http://127.0.0.1:8090/api/v1/identities/events", "the SSE stream")
 	viewers := flag.Int("viewers", 5, "streams to open")
-	after := flag.Duration("after", 5*time.Second, "ignore events sent before this long after the start")
-	span := flag.Duration("for", 20*time.Second, "then measure events sent over this long")
+	from := flag.Int64("seq-from", 0, "first per-partition seq measured")
+	to := flag.Int64("seq-to", math.MaxInt64, "first per-partition seq not measured")
 	flag.Parse()
-	from := time.Now().Add(*after)
-	to := from.Add(*span)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	var mu sync.Mutex
 	var lat []float64 // ms
 	for range *viewers {
@@ -56,11 +64,10 @@ func main() {
 						SentNs int64  `json:"sent_ns"`
 					} `json:"payload"`
 				}
-				if json.Unmarshal(d, &v) != nil || v.Payload.Seq == nil || *v.Payload.Seq < 0 {
-					continue // the snapshot, or a priming record
+				if json.Unmarshal(d, &v) != nil || v.Payload.Seq == nil {
+					continue // the snapshot
 				}
-				sent := time.Unix(0, v.Payload.SentNs)
-				if sent.After(from) && sent.Before(to) {
+				if *v.Payload.Seq >= *from && *v.Payload.Seq < *to {
 					mu.Lock()
 					lat = append(lat, float64(now.UnixNano()-v.Payload.SentNs)/1e6)
 					mu.Unlock()
@@ -68,7 +75,7 @@ func main() {
 			}
 		}()
 	}
-	time.Sleep(time.Until(to) + 2*time.Second) // the last events' delivery
+	<-ctx.Done()
 	mu.Lock()
 	defer mu.Unlock()
 	if len(lat) == 0 {
