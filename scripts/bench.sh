@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Load benchmarks of the relay: the five standard scenarios, each against a
+# Load benchmarks of the relay: the six standard scenarios, each against a
 # freshly started relay process (built with go build -o), with viewers and
 # a producer from relay-load (tools/relay-load, a module of its own).
 #
@@ -37,10 +37,11 @@
 #               run's secret (the tool mints them with a channels claim: a
 #               server-side subscription), pings every keepalive, and with
 #               RELAY_SUBSCRIBER_BUFFER=N a client queue of N KiB (default 1 MiB,
-#               about 2,500 frames of this payload).
+#               about 2,500 frames of this payload); usage stats off (it would
+#               send them off the machine after a day).
 # --targets LIST runs only the listed ones of relay,minimal,centrifugo, in
 # that order (--peers is --targets relay,minimal,centrifugo).
-
+#
 # The broker is a real single-node Kafka from scripts/kafka.sh (default), or
 # with --kfake franz-go's in-process kfake served by relay-load --kfake.
 # PostgreSQL comes from scripts/pg.sh; the script inserts the bench user.
@@ -201,6 +202,7 @@ centrifugo_config() {
 		  "http_server": {"address": "127.0.0.1", "port": $RELAY_PORT},
 		  "log": {"level": "info"},
 		  "health": {"enabled": true},
+		  "usage_stats": {"disabled": true},
 		  "uni_sse": {"enabled": true},
 		  "client": {$queue "token": {"hmac_secret_key": "$SECRET"}, "ping_interval": "$3", "pong_timeout": "1s"},
 		  "consumers": [{"name": "bench", "enabled": true, "type": "kafka", "kafka": {
