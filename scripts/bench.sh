@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Load benchmarks of the relay: the five standard scenarios, each against a
+# Load benchmarks of the relay: the six standard scenarios, each against a
 # freshly started relay process (built with go build -o), with viewers and
 # a producer from relay-load (tools/relay-load, a module of its own).
 #
-#   scripts/bench.sh [--kfake] [--peers] [--only 1,3,5] [--runs N] [--out DIR]
+#   scripts/bench.sh [--kfake] [--peers | --targets LIST] [--only 1,3,5] [--runs N] [--out DIR]
 #
 #   1  1,000 viewers, 400 events/s: latency p50/p99
 #   2  1,000 viewers, 1,000 events/s: keeps up?, p99, relay CPU-s per million frames
@@ -15,14 +15,32 @@
 #   5  100 of 1,000 viewers stalled, 100 events/s of 4 KiB: readers' p99
 #      against the same run with none stalled (5b); when each stalled viewer
 #      was cut; relay RSS over time
-#   6  light load, 100 viewers: 10 events/s (6a) and 100 events/s (6b):
-#      latency p50/p99 (what an event costs when nothing else is waiting)
+#   6  light load: 10 and 100 events/s to 100 viewers (6a, 6b) and to 1,000
+#      (6c, 6d): latency p50/p99 (what an event costs when nothing else is
+#      waiting)
 #
-# With --peers every scenario runs, right after the relay, against the
-# minimal Go SSE server kept beside the load tool (tools/relay-load/minimal:
-# one consumer, a channel per viewer, a write per event; its figures are
-# labelled "-minimal"), so that drift on this shared machine hits both alike.
-# Centrifugo is not among the peers yet.
+# With --peers every scenario runs, right after the relay, against the two
+# peers of issue #13, so that drift on this shared machine hits all alike
+# (relay, minimal, centrifugo, relay, ...; their figures are labelled
+# "-minimal" and "-centrifugo"):
+#   minimal     the minimal Go SSE server kept beside the load tool
+#               (tools/relay-load/minimal: one franz-go consumer, a channel
+#               per viewer, a write per event, a flush when the channel is
+#               empty), with the relay's queue length and keepalive;
+#   centrifugo  Centrifugo v6.9.1 (go install into BENCH_CENTRIFUGO's
+#               directory on first use, about 2 minutes), from a config file
+#               the script writes per scenario into a temporary directory: its
+#               Kafka consumer (publication data mode: each record's value is
+#               published as is to the channel its centrifugo-channels header
+#               names, which relay-load --protocol centrifugo adds) reading the
+#               scenario's topic, its uni_sse transport, HS256 tokens with the
+#               run's secret (the tool mints them with a channels claim: a
+#               server-side subscription), pings every keepalive, and with
+#               RELAY_SUBSCRIBER_BUFFER=N a client queue of N KiB (default 1 MiB,
+#               about 2,500 frames of this payload); usage stats off (it would
+#               send them off the machine after a day).
+# --targets LIST runs only the listed ones of relay,minimal,centrifugo, in
+# that order (--peers is --targets relay,minimal,centrifugo).
 #
 # The broker is a real single-node Kafka from scripts/kafka.sh (default), or
 # with --kfake franz-go's in-process kfake served by relay-load --kfake.
@@ -48,7 +66,17 @@
 #   BENCH_PERF                       1: perf record the relay during scenarios 2 and 3
 #                                    (needs perf; cpu-clock sampling, call graphs)
 #   BENCH_EXTRA                      extra flags for every relay-load run
+#   BENCH_PROBE                      N: in the rate runs of the minimal server, N more viewers
+#                                    read by tools/relay-load/probe, the calibration's second
+#                                    measurement (BENCHMARKS.md), over the records the tool
+#                                    measures (chosen by seq); its line follows the tool's report
 #   BENCH_RELAY_ENV                  extra settings for every relay, e.g. "RELAY_SSE_KEEPALIVE=5s"
+#                                    (RELAY_SUBSCRIBER_BUFFER and RELAY_SSE_KEEPALIVE also reach the peers)
+#   BENCH_SERVER_CPUS                CPUs (taskset list, e.g. 1) for the relay or peer under test
+#   BENCH_TOOL_CPUS                  CPUs for relay-load and kfake (e.g. 0): with both set the
+#                                    tool does not share cores with the server (other work may)
+#   BENCH_CENTRIFUGO                 the Centrifugo binary (~/.cache/relay-bench/bin/centrifugo;
+#                                    installed there with go install when absent)
 #
 # The machine should be quiet: the tool and the relay share its cores, and
 # every figure moves with whatever else runs. The script prints the load
@@ -70,16 +98,20 @@ DURATION="${BENCH_DURATION:-60s}"
 WARMUP="${BENCH_WARMUP:-10s}"
 PERF="${BENCH_PERF:-0}"
 EXTRA="${BENCH_EXTRA:-}"
+SERVER_PIN=() TOOL_PIN=()
+[ -n "${BENCH_SERVER_CPUS:-}" ] && SERVER_PIN=(taskset -c "$BENCH_SERVER_CPUS")
+[ -n "${BENCH_TOOL_CPUS:-}" ] && TOOL_PIN=(taskset -c "$BENCH_TOOL_CPUS")
 
 BROKER_MODE=kafka
 ONLY="1,2,3,4,5,6"
-PEERS=0
+TARGETS=relay
 RUNS=1
 OUT=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--kfake) BROKER_MODE=kfake ;;
-	--peers) PEERS=1 ;;
+	--peers) TARGETS=relay,minimal,centrifugo ;;
+	--targets) TARGETS="$2"; shift ;;
 	--only) ONLY="$2"; shift ;;
 	--runs) RUNS="$2"; shift ;;
 	--out) OUT="$2"; shift ;;
@@ -89,7 +121,20 @@ while [ $# -gt 0 ]; do
 	shift
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
+targeted() { [[ ",$TARGETS," == *",$1,"* ]]; }
+secs() { # a duration of the form 20s or 2m, in seconds
+	case "$1" in
+	*[0-9]s) echo "${1%s}" ;;
+	*[0-9]m) echo $((${1%m} * 60)) ;;
+	*) die "BENCH_PROBE wants durations like 20s or 2m, not $1" ;;
+	esac
+}
+log() { echo "bench.sh: $*" >&2; }
+die() { echo "bench.sh: $*" >&2; exit 1; }
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive integer, not $RUNS"
+[[ ",$TARGETS," =~ ^(,(relay|minimal|centrifugo))+,$ ]] || die "--targets wants a comma list of relay, minimal, centrifugo, not $TARGETS"
+CENTRIFUGO="${BENCH_CENTRIFUGO:-$HOME/.cache/relay-bench/bin/centrifugo}"
+CENTRIFUGO_VERSION=v6.9.1
 
 OUT="${OUT:-$RELAY_TEST_STATE/bench-$(date -u +%Y%m%dT%H%M%SZ)}"
 BIN="$RELAY_TEST_STATE/bench-bin"
@@ -99,12 +144,11 @@ USER_ID="bench-viewer"
 RELAY_URL="http://127.0.0.1:$RELAY_PORT"
 RUN_TAG="$(date -u +%H%M%S)"
 
-log() { echo "bench.sh: $*" >&2; }
-die() { echo "bench.sh: $*" >&2; exit 1; }
-
 RELAY_PID=""
 KFAKE_PID=""
+CF_DIR="$(mktemp -d)" # Centrifugo's config files: they hold the secret
 cleanup() {
+	rm -rf "$CF_DIR"
 	[ -n "$RELAY_PID" ] && kill -TERM "$RELAY_PID" 2>/dev/null && wait "$RELAY_PID" 2>/dev/null || true
 	[ -n "$KFAKE_PID" ] && kill -TERM "$KFAKE_PID" 2>/dev/null && wait "$KFAKE_PID" 2>/dev/null || true
 }
@@ -113,7 +157,14 @@ trap cleanup EXIT
 # --- build -----------------------------------------------------------------
 log "building the relay and relay-load into $BIN"
 (cd "$REPO" && go build -o "$BIN/relay" ./cmd/relay && go -C tools/relay-load build -o "$BIN/relay-load" . &&
-	go -C tools/relay-load build -o "$BIN/minimal" ./minimal)
+	go -C tools/relay-load build -o "$BIN/minimal" ./minimal && go -C tools/relay-load build -o "$BIN/probe" ./probe)
+# go install sets no version string; the build info names the module's.
+centrifugo_ok() { go version -m "$CENTRIFUGO" 2>/dev/null | grep -Eq "^[[:space:]]+mod[[:space:]]+github.com/centrifugal/centrifugo/v6[[:space:]]+$CENTRIFUGO_VERSION[[:space:]]"; }
+if targeted centrifugo && ! centrifugo_ok; then
+	log "installing Centrifugo $CENTRIFUGO_VERSION into $(dirname "$CENTRIFUGO") (about 2 minutes)"
+	(cd /tmp && GOBIN="$(dirname "$CENTRIFUGO")" go install "github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION")
+	centrifugo_ok || die "$CENTRIFUGO is not Centrifugo $CENTRIFUGO_VERSION"
+fi
 
 # --- PostgreSQL ------------------------------------------------------------
 DB_URL="$(bash "$SCRIPT_DIR/pg.sh" start)"
@@ -124,7 +175,7 @@ psql -X -q -v ON_ERROR_STOP=1 "$DB_URL" \
 if [ "$BROKER_MODE" = kafka ]; then
 	BROKERS="$(bash "$SCRIPT_DIR/kafka.sh" start)"
 else
-	"$BIN/relay-load" --kfake --kfake-port "$RELAY_TEST_KAFKA_PORT" --kfake-for 6h >"$OUT/kfake.addr" 2>"$OUT/kfake.log" &
+	"${TOOL_PIN[@]}" "$BIN/relay-load" --kfake --kfake-port "$RELAY_TEST_KAFKA_PORT" --kfake-for 6h >"$OUT/kfake.addr" 2>"$OUT/kfake.log" &
 	KFAKE_PID=$!
 	for _ in $(seq 50); do [ -s "$OUT/kfake.addr" ] && break; sleep 0.1; done
 	BROKERS="$(head -n1 "$OUT/kfake.addr")"
@@ -133,19 +184,37 @@ fi
 log "broker ($BROKER_MODE) at $BROKERS; PostgreSQL at 127.0.0.1:$RELAY_TEST_PG_PORT; output in $OUT"
 
 # --- one scenario ------------------------------------------------------------
-# scenario NAME "RELAY_VAR=value ..." relay-load flags...
-# scenario NAME RELAY_ENV ARGS...: one run against the relay, and with
-# --peers one more against the minimal server.
+# scenario NAME "RELAY_VAR=value ..." relay-load flags...: one run against
+# each target, in the order relay, minimal, centrifugo.
 scenario() {
-	TARGET=relay run_scenario "$@"
-	if [ "$PEERS" = 1 ]; then
-		TARGET=minimal run_scenario "$@"
-	fi
+	local t
+	for t in relay minimal centrifugo; do
+		if targeted "$t"; then TARGET=$t run_scenario "$@"; fi
+	done
+}
+
+# centrifugo_config TOPIC BUFFER KEEPALIVE: Centrifugo's config for one run.
+centrifugo_config() {
+	local queue=""
+	[ -n "$2" ] && queue="\"queue_max_size\": $(($2 * 1024)),"
+	cat <<-EOF
+		{
+		  "http_server": {"address": "127.0.0.1", "port": $RELAY_PORT},
+		  "log": {"level": "info"},
+		  "health": {"enabled": true},
+		  "usage_stats": {"disabled": true},
+		  "uni_sse": {"enabled": true},
+		  "client": {$queue "token": {"hmac_secret_key": "$SECRET"}, "ping_interval": "$3", "pong_timeout": "1s"},
+		  "consumers": [{"name": "bench", "enabled": true, "type": "kafka", "kafka": {
+		    "brokers": ["${BROKERS//,/\",\"}"], "topics": ["$1"], "consumer_group": "bench-$1",
+		    "publication_data_mode": {"enabled": true, "channels_header": "centrifugo-channels"}}}]
+		}
+	EOF
 }
 
 run_scenario() {
-	local name="$1$RUN_SUFFIX" relay_env="$2"
-	[ "$TARGET" = minimal ] && name="$1-minimal$RUN_SUFFIX"
+	local name="$1$RUN_SUFFIX" relay_env="$2" protocol=relay ready=readyz
+	[ "$TARGET" != relay ] && name="$1-$TARGET$RUN_SUFFIX"
 	shift 2
 	local topic="identity.bench-$name-$RUN_TAG"
 	local env=(
@@ -167,35 +236,47 @@ run_scenario() {
 	echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); busiest other processes:"
 	ps -eo pcpu,comm --sort=-pcpu | sed -n '2,6p' | sed 's/^/    /'
 
-	if [ "$TARGET" = minimal ]; then
-		# Its queue and keepalive as the relay's in this scenario.
-		local buffer=256 keepalive=15s kv
-		for kv in $relay_env ${BENCH_RELAY_ENV:-}; do
-			case "$kv" in
-			RELAY_SUBSCRIBER_BUFFER=*) buffer="${kv#*=}" ;;
-			RELAY_SSE_KEEPALIVE=*) keepalive="${kv#*=}" ;;
-			esac
-		done
-		"$BIN/minimal" --listen "127.0.0.1:$RELAY_PORT" --brokers "$BROKERS" --buffer "$buffer" --keepalive "$keepalive" >"$OUT/relay-$name.log" 2>&1 &
-	else
-		env -i PATH="$PATH" HOME="$HOME" "${env[@]}" "$BIN/relay" >"$OUT/relay-$name.log" 2>&1 &
-	fi
+	# The peers get the relay's queue and keepalive of this scenario.
+	local buffer="" keepalive=15s kv
+	for kv in $relay_env ${BENCH_RELAY_ENV:-}; do
+		case "$kv" in
+		RELAY_SUBSCRIBER_BUFFER=*) buffer="${kv#*=}" ;;
+		RELAY_SSE_KEEPALIVE=*) keepalive="${kv#*=}" ;;
+		esac
+	done
+	case "$TARGET" in
+	minimal)
+		"${SERVER_PIN[@]}" "$BIN/minimal" --listen "127.0.0.1:$RELAY_PORT" --brokers "$BROKERS" --buffer "${buffer:-256}" --keepalive "$keepalive" >"$OUT/relay-$name.log" 2>&1 &
+		;;
+	centrifugo)
+		protocol=centrifugo ready=health
+		centrifugo_config "$topic" "$buffer" "$keepalive" >"$CF_DIR/$name.json"
+		"${SERVER_PIN[@]}" "$CENTRIFUGO" --config "$CF_DIR/$name.json" >"$OUT/relay-$name.log" 2>&1 &
+		;;
+	*)
+		"${SERVER_PIN[@]}" env -i PATH="$PATH" HOME="$HOME" "${env[@]}" "$BIN/relay" >"$OUT/relay-$name.log" 2>&1 &
+		;;
+	esac
 	RELAY_PID=$!
 	local ok=""
 	for _ in $(seq 200); do
-		if curl -fsS "$RELAY_URL/readyz" >/dev/null 2>&1; then ok=1; break; fi
+		if curl -fsS "$RELAY_URL/$ready" >/dev/null 2>&1; then ok=1; break; fi
 		kill -0 "$RELAY_PID" 2>/dev/null || break
 		sleep 0.1
 	done
 	[ -n "$ok" ] || { tail -n 20 "$OUT/relay-$name.log" >&2; die "relay not ready"; }
 
-	local cmd=("$BIN/relay-load" --url "$RELAY_URL" --user "$USER_ID"
+	local cmd=("${TOOL_PIN[@]}" "$BIN/relay-load" --url "$RELAY_URL" --user "$USER_ID"
 		--brokers "$BROKERS" --topic "$topic" --relay-pid "$RELAY_PID" --label "scenario $name"
-		--json-out "$OUT/s$name.json" --delete-topic "$@")
+		--json-out "$OUT/s$name.json" --delete-topic --protocol "$protocol" "$@")
 	# shellcheck disable=SC2206
 	[ -n "$EXTRA" ] && cmd+=($EXTRA)
 
-	echo "relay:     env $(printf '%s ' "${env[@]}" | sed "s/$SECRET/\$SECRET/g; s#$DB_URL#\$DB_URL#g")$BIN/relay"
+	case "$TARGET" in
+	relay) echo "relay:     env $(printf '%s ' "${env[@]}" | sed "s/$SECRET/\$SECRET/g; s#$DB_URL#\$DB_URL#g")$BIN/relay" ;;
+	minimal) echo "minimal:   $BIN/minimal --listen 127.0.0.1:$RELAY_PORT --brokers $BROKERS --buffer ${buffer:-256} --keepalive $keepalive" ;;
+	centrifugo) echo "centrifugo: $CENTRIFUGO --config (written by centrifugo_config in this script, secret \$SECRET)" ;;
+	esac
 	echo "command:   RELAY_JWT_SECRET=\$SECRET $(printf '%q ' "${cmd[@]}")"
 
 	local perf_pid=""
@@ -203,8 +284,25 @@ run_scenario() {
 		perf record -e cpu-clock -F 499 -g -p "$RELAY_PID" -o "$OUT/perf-$name.data" >/dev/null 2>&1 &
 		perf_pid=$!
 	fi
+	local probe_pid=""
+	if [ -n "${BENCH_PROBE:-}" ] && [ "$TARGET" = minimal ] && [[ " $* " == *" --rate "* ]]; then
+		# The records the tool measures, by seq: the tool's 3 partitions
+		# take the rate in turn, and its window follows the warm-up.
+		local rate="" prev="" a
+		for a in "$@"; do [ "$prev" = --rate ] && rate=$a; prev=$a; done
+		"$BIN/probe" --url "$RELAY_URL/api/v1/identities/events" --viewers "$BENCH_PROBE" \
+			--seq-from "$(awk -v r="$rate" -v w="$(secs "$WARMUP")" 'BEGIN { printf "%d", r * w / 3 }')" \
+			--seq-to "$(awk -v r="$rate" -v w="$(secs "$WARMUP")" -v d="$(secs "$DURATION")" 'BEGIN { printf "%d", r * (w + d) / 3 }')" \
+			>"$OUT/probe-$name.txt" 2>&1 &
+		probe_pid=$!
+	fi
 	local rc=0
 	RELAY_JWT_SECRET="$SECRET" "${cmd[@]}" >"$OUT/s$name.txt" 2>"$OUT/s$name.progress" || rc=$?
+	if [ -n "$probe_pid" ]; then
+		kill -TERM "$probe_pid" 2>/dev/null || true
+		wait "$probe_pid" || true
+		cat "$OUT/probe-$name.txt" >>"$OUT/s$name.txt"
+	fi
 	if [ -n "$perf_pid" ]; then
 		kill -INT "$perf_pid" 2>/dev/null || true
 		wait "$perf_pid" 2>/dev/null || true
@@ -214,7 +312,7 @@ run_scenario() {
 	fi
 	cat "$OUT/s$name.txt"
 	[ $rc -eq 0 ] || { echo "relay-load exited with $rc:"; tail -n 5 "$OUT/s$name.progress"; }
-	echo "relay:     $(grep -c '"level":"WARN"' "$OUT/relay-$name.log" || true) warnings, $(grep -c '"level":"ERROR"' "$OUT/relay-$name.log" || true) errors in its log"
+	echo "relay:     $(grep -ci '"level":"warn"' "$OUT/relay-$name.log" || true) warnings, $(grep -ci '"level":"error"' "$OUT/relay-$name.log" || true) errors in its log"
 	# The relay's own counts: why viewers left, frames it queued.
 	curl -fsS "$RELAY_URL/metrics" >"$OUT/metrics-$name.txt" 2>/dev/null || true
 	echo "relay:     $(grep -E '^relay_(viewer_disconnects_total|events_published_total|frames_delivered_total)' "$OUT/metrics-$name.txt" | tr '\n' ' ')"
@@ -244,6 +342,8 @@ for run in $(seq "$RUNS"); do
 	if want 6; then
 		scenario 6a "" --viewers 100 --rate 10 --duration "$DURATION" --warmup "$WARMUP"
 		scenario 6b "" --viewers 100 --rate 100 --duration "$DURATION" --warmup "$WARMUP"
+		scenario 6c "" --viewers 1000 --rate 10 --duration "$DURATION" --warmup "$WARMUP"
+		scenario 6d "" --viewers 1000 --rate 100 --duration "$DURATION" --warmup "$WARMUP"
 	fi
 done
 
@@ -261,5 +361,5 @@ fi
 for f in "$OUT"/s*.txt; do
 	[ -e "$f" ] || continue
 	head -n1 "$f"
-	grep -E '^  (delivery|latency|relay cpu|tool cpu|relay rss|keepalive|stalled|keeps up) ' "$f" || true
+	grep -E '^  (delivery|latency|relay cpu|relay writes|tool cpu|relay rss|keepalive|stalled|keeps up) ' "$f" || true
 done

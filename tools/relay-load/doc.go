@@ -47,6 +47,19 @@
 // by adding. One token serves every viewer: the relay's per-user cap
 // (RELAY_SSE_MAX_PER_USER) must allow them.
 //
+// --protocol says what serves the viewers. relay (the default; also the
+// minimal server, tools/relay-load/minimal): GET <url>/api/v1/identities/events?token=,
+// a token with the uuid claim, frames as in the wire contract, the
+// snapshot frame ending the set-up. centrifugo: GET
+// <url>/connection/uni_sse?cf_connect={"token":...} (Centrifugo's
+// uni-directional SSE), a token with sub and channels ["identity"] (a
+// server-side subscription), and every record carries the header
+// centrifugo-channels: identity, which Centrifugo's Kafka consumer in
+// publication data mode reads; its frames are one data line each, told
+// apart by the push object's first key: connect (the set-up's end), {}
+// (its ping, counted as a keepalive), disconnect (as the relay's error
+// event), anything else a publication whose data is the record value.
+//
 // # Payload
 //
 // Each record value is the publisher's envelope, --value-bytes long:
@@ -65,8 +78,16 @@
 //     achieved producing rate times the viewers that read.
 //   - latency: receive time (the return of the read that completed the
 //     frame) minus sent_ns, for records sent in the measured interval;
-//     log-linear histogram, within 0.8%. It includes Kafka, the relay and
-//     the tool's own scheduling: the tool and the relay share the machine.
+//     log-linear histogram, within 0.8%. Both instants are time.Now() read
+//     as wall-clock nanoseconds on this machine (the producer and the
+//     viewers are one process, or workers on the same host): one clock, no
+//     offset between them. The send time is taken before the record is
+//     handed to the Kafka client (linger 0), so the figure includes the
+//     client, the broker, the server's fetch, its queues and writes, the
+//     kernel, and the wait for the tool's reader to run: the tool and the
+//     server share the machine. Frames that arrive in one read share its
+//     receive time. tools/relay-load/probe measures the same thing another
+//     way (BENCHMARKS.md, "Calibration").
 //   - gaps and duplicates: per viewer and partition, a seq above the next
 //     expected counts the missing ones as gaps, a seq below as a duplicate.
 //     A reader is complete when it has every seq produced.
@@ -75,7 +96,11 @@
 //     metrics), with when they ended.
 //   - relay CPU: utime+stime of /proc/<--relay-pid>/stat at the start and the
 //     end of the measured interval, per million frames of that interval. The
-//     tool's own CPU over the same interval (every process) is reported too.
+//     tool's own CPU over the same interval (every process: reading,
+//     parsing, producing) is reported too, also per million frames.
+//   - relay writes: the relay's write system calls over the same interval
+//     (syscw of /proc/<--relay-pid>/io: write and writev) per frame; its
+//     inverse is how many frames a write carried.
 //   - relay RSS per viewer: (VmRSS after connecting and --settle − VmRSS
 //     before connecting) / viewers connected. Garbage collection moves RSS by
 //     megabytes, so the figure means something with thousands of viewers.

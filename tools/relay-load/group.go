@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"math"
 	"net"
 	"sort"
@@ -123,7 +122,7 @@ func newLocalGroup(spec groupSpec) (*localGroup, error) {
 	g := &localGroup{
 		spec:      spec,
 		relay:     relay,
-		request:   []byte(fmt.Sprintf("GET %s?token=%s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: relay-load\r\n\r\n", path, spec.Token, host)),
+		request:   streamRequest(cfg.Protocol, path, host, spec.Token),
 		finishing: make(chan struct{}),
 	}
 	g.winFrom.Store(math.MaxInt64)
@@ -137,6 +136,7 @@ func newLocalGroup(spec groupSpec) (*localGroup, error) {
 		v := &viewer{g: g, idx: i, stalled: isStalled(i, cfg.Viewers, cfg.Stalled), next: make([]atomic.Int64, spec.Partitions)}
 		v.p.sink = v
 		v.p.runID = runNeedle
+		v.p.centrifugo = cfg.Protocol == protoCentrifugo
 		g.viewers = append(g.viewers, v)
 	}
 	return g, nil

@@ -44,6 +44,7 @@ var errUsage = errors.New("usage")
 // Workers get it as JSON (without the secret).
 type config struct {
 	URL                string        `json:"url"`
+	Protocol           string        `json:"protocol"`
 	Token              string        `json:"-"`
 	JWTSecret          string        `json:"-"`
 	User               string        `json:"user"`
@@ -112,6 +113,7 @@ func parseFlags(args []string, out io.Writer) (*config, error) {
 	fs.SetOutput(out)
 	var brokers string
 	fs.StringVar(&c.URL, "url", "http://127.0.0.1:8080", "relay base URL (loopback only)")
+	fs.StringVar(&c.Protocol, "protocol", protoRelay, "what serves the viewers: relay (the relay's events endpoint and frames; also the minimal server) or centrifugo (Centrifugo's uni_sse transport, channel \""+centrifugoChannel+"\")")
 	fs.StringVar(&c.Token, "token", "", "JWT for the viewers; else one is minted from --jwt-secret and --user")
 	fs.StringVar(&c.JWTSecret, "jwt-secret", "", "HS256 secret to mint the token with (else $RELAY_JWT_SECRET)")
 	fs.StringVar(&c.User, "user", "", "uuid claim of the minted token: a users row with role viewer or admin")
@@ -200,6 +202,8 @@ func (c *config) validate() error {
 		return bad("--value-bytes must be positive")
 	case c.Duration <= 0 && c.mode() != "burst":
 		return bad("--duration must be positive")
+	case c.Protocol != protoRelay && c.Protocol != protoCentrifugo:
+		return bad("--protocol must be %s or %s", protoRelay, protoCentrifugo)
 	case c.Token == "" && (c.JWTSecret == "" || c.User == ""):
 		return bad("give --token, or --jwt-secret and --user to mint one")
 	case c.producing() && len(c.Brokers) == 0:
@@ -211,8 +215,8 @@ func (c *config) validate() error {
 	return nil
 }
 
-// relayAddr resolves the relay URL to a loopback TCP address, the events
-// path and the Host header. Test traffic stays on 127.0.0.0/8.
+// relayAddr resolves the relay URL to a loopback TCP address, its path and
+// the Host header. Test traffic stays on 127.0.0.0/8.
 func relayAddr(raw string) (*net.TCPAddr, string, string, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
@@ -236,15 +240,42 @@ func relayAddr(raw string) (*net.TCPAddr, string, string, error) {
 	if err != nil {
 		return nil, "", "", err
 	}
-	path := strings.TrimSuffix(u.Path, "/") + "/api/v1/identities/events"
-	return a, path, u.Host, nil
+	return a, strings.TrimSuffix(u.Path, "/"), u.Host, nil
 }
 
-func mintToken(secret, user string, ttl time.Duration) (string, error) {
+// The servers the viewers can read from.
+const (
+	protoRelay      = "relay"
+	protoCentrifugo = "centrifugo"
+	// centrifugoChannel is the channel every record is published to (the
+	// record header centrifugoChannelsHeader) and every viewer's token
+	// subscribes to (its channels claim: a server-side subscription).
+	centrifugoChannel        = "identity"
+	centrifugoChannelsHeader = "centrifugo-channels"
+)
+
+// streamRequest is the HTTP request that opens one viewer's stream: the
+// relay's (and the minimal server's) events endpoint with ?token=, or
+// Centrifugo's uni_sse endpoint with the connect request in ?cf_connect=.
+func streamRequest(protocol, base, host, token string) []byte {
+	target := base + "/api/v1/identities/events?token=" + url.QueryEscape(token)
+	if protocol == protoCentrifugo {
+		target = base + "/connection/uni_sse?cf_connect=" + url.QueryEscape(`{"token":"`+token+`"}`)
+	}
+	return []byte("GET " + target + " HTTP/1.1\r\nHost: " + host +
+		"\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: relay-load\r\n\r\n")
+}
+
+// mintToken signs the viewers' HS256 token: the relay reads the user from
+// the uuid claim, Centrifugo from sub, and subscribes the connection to
+// the channels claim.
+func mintToken(protocol, secret, user string, ttl time.Duration) (string, error) {
 	now := time.Now()
-	return jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-		"uuid": user, "jti": randomHex(8), "iat": now.Unix(), "exp": now.Add(ttl).Unix(),
-	}).SignedString([]byte(secret))
+	claims := jwt.MapClaims{"uuid": user, "jti": randomHex(8), "iat": now.Unix(), "exp": now.Add(ttl).Unix()}
+	if protocol == protoCentrifugo {
+		claims = jwt.MapClaims{"sub": user, "channels": []string{centrifugoChannel}, "iat": now.Unix(), "exp": now.Add(ttl).Unix()}
+	}
+	return jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(secret))
 }
 
 func randomHex(n int) string {
@@ -290,7 +321,7 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 	token := cfg.Token
 	if token == "" {
 		var err error
-		if token, err = mintToken(cfg.JWTSecret, cfg.User, cfg.maxRuntime()+time.Hour); err != nil {
+		if token, err = mintToken(cfg.Protocol, cfg.JWTSecret, cfg.User, cfg.maxRuntime()+time.Hour); err != nil {
 			return nil, err
 		}
 	}
@@ -425,15 +456,15 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 		}
 	}
 
-	var cpu0, cpu1 time.Duration
+	var cpu0, cpu1 usage
 	var cpuMu sync.Mutex
-	readCPU := func(into *time.Duration) {
+	readCPU := func(into *usage) {
 		if cfg.RelayPID == 0 {
 			return
 		}
-		if d, err := relayCPU(cfg.RelayPID); err == nil {
+		if u, err := relayUsage(cfg.RelayPID); err == nil {
 			cpuMu.Lock()
-			*into = d
+			*into = u
 			cpuMu.Unlock()
 		}
 	}
@@ -479,7 +510,12 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 		}
 		sleepCtx(ctx, time.Until(winTo)+10*time.Millisecond)
 		t0.Stop()
-		t1.Stop()
+		if t1.Stop() {
+			// Not yet run (a loaded machine can delay a timer past the
+			// 10 ms above): without this read the relay's CPU over the
+			// window came out negative.
+			readCPU(&cpu1)
+		}
 	case "burst":
 		winFrom = time.Now()
 		winTo = time.Unix(0, math.MaxInt64)
@@ -533,7 +569,7 @@ func load(ctx context.Context, cfg *config, args []string, stderr io.Writer) (*r
 		samples = sm.stop()
 	}
 	cpuMu.Lock()
-	cpuUsed := cpu1 - cpu0
+	cpuUsed := usage{cpu: cpu1.cpu - cpu0.cpu, writes: cpu1.writes - cpu0.writes}
 	cpuMu.Unlock()
 	rep.finish(cfg, all, expect, winFrom, winTo, doneAt, cpuUsed, samples, start)
 	say("done")

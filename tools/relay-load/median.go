@@ -40,10 +40,14 @@ func runMedian(files []string, stdout io.Writer) error {
 		{"relay CPU-s per M frames", func(r *report) (float64, bool) {
 			return r.Relay.CPUSecsPerMillion, r.Relay.CPUSecsPerMillion > 0
 		}, ""},
+		{"relay write syscalls per frame", func(r *report) (float64, bool) {
+			return r.Relay.WritesPerFrame, r.Relay.WritesPerFrame > 0
+		}, ""},
 		{"relay cores busy", func(r *report) (float64, bool) {
 			return r.Relay.CPUUtilisationPerCPU, r.Relay.CPUMeasuredOverSecs > 0
 		}, ""},
 		{"tool CPU-s", func(r *report) (float64, bool) { return r.ToolCPUSecs, r.ToolCPUSecs > 0 }, ""},
+		{"tool CPU-s per M frames", func(r *report) (float64, bool) { return r.ToolCPUPerMillion, r.ToolCPUPerMillion > 0 }, ""},
 		{"relay RSS per viewer", func(r *report) (float64, bool) { return r.Relay.RSSPerViewer / 1024, r.Relay.RSSPerViewer > 0 }, " KiB"},
 		{"relay RSS max", func(r *report) (float64, bool) { return float64(r.Relay.RSSMax) / (1 << 20), r.Relay.RSSMax > 0 }, " MiB"},
 		{"readers disconnected", func(r *report) (float64, bool) { return float64(r.Delivery.Dropped), true }, ""},

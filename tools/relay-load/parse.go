@@ -59,7 +59,10 @@ type parser struct {
 	fSent   int64
 
 	runID []byte // `"run":"<id>"` needle of this run
-	sink  frameSink
+	// centrifugo: the stream is Centrifugo's uni_sse, whose frames have no
+	// event line; the data line's JSON says the kind (see centrifugoKind).
+	centrifugo bool
+	sink       frameSink
 
 	badChunk bool
 }
@@ -214,9 +217,37 @@ func (p *parser) endLine(l []byte, now int64) {
 		}
 	case bytes.HasPrefix(l, prefData):
 		p.hasData = true
-		p.fields(l[len(prefData):])
+		d := l[len(prefData):]
+		if p.centrifugo {
+			p.kind = centrifugoKind(d)
+		}
+		p.fields(d)
 	}
 	// id: and retry: lines carry nothing the tool measures.
+}
+
+// Centrifugo's uni_sse frames are one data line each: a push object whose
+// first key says what it is.
+var (
+	cfPing       = []byte(`{}`)
+	cfConnect    = []byte(`{"connect":`)
+	cfDisconnect = []byte(`{"disconnect":`)
+)
+
+// centrifugoKind classifies a uni_sse data line: the connect reply stands
+// for the relay's snapshot (the stream is set up), an empty object is
+// Centrifugo's ping (its keepalive), a disconnect the relay's error event,
+// and anything else a publication, whose data is the record value.
+func centrifugoKind(d []byte) uint8 {
+	switch {
+	case bytes.Equal(d, cfPing):
+		return kindComment
+	case bytes.HasPrefix(d, cfConnect):
+		return kindSnapshot
+	case bytes.HasPrefix(d, cfDisconnect):
+		return kindError
+	}
+	return kindEvent
 }
 
 // fields reads run, part, seq and sent_ns from the start of a data line.

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/golang-jwt/jwt/v5"
 )
 
 type recSink struct{ frames []string }
@@ -77,6 +79,63 @@ func TestHistQuantiles(t *testing.T) {
 	for _, v := range []int64{0, 1, 127, 128, 129, 255, 256, 1 << 40} {
 		if got := histValue(histIndex(v)); math.Abs(got-float64(v)) > float64(v)/128+1 {
 			t.Errorf("value %d lands in a bucket of %.0f", v, got)
+		}
+	}
+}
+
+// Centrifugo's uni_sse stream (as v6.9.1 sends it, captured with curl): a
+// blank line, the connect reply (the viewer's snapshot), pings ({}: its
+// keepalives), publications whose data is the record value, a disconnect
+// (an error); every split of it gives the same frames.
+func TestParserCentrifugo(t *testing.T) {
+	pub := func(run string, part, seq int) string {
+		return fmt.Sprintf(`data: {"channel":"identity","pub":{"data":{"v":1,"id":"18ed2708638adf46","topic":"identity.pf-cap-3967","type":"pf-cap-3967","ts":1796134743.373,"payload":{"run":"%s","part":%d,"seq":%d,"sent_ns":1796134743373963078,"identity_uuid":"00000000-0000-4000-8000-000000000000","pad":"%s"}}}}`+"\n\n",
+			run, part, seq, strings.Repeat("x", 600))
+	}
+	body := []string{"\r\n",
+		`data: {"connect":{"client":"adcc14be-4f2e-47e6-96c3-700574989a85","version":"0.0.0 OSS","subs":{"identity":{}},"expires":true,"ttl":600,"ping":3,"session":"122b5d6b-c6c4-4d26-9d40-596e660abda6"}}` + "\n\n",
+		"data: {}\n\n", pub("r1", 1, -1) + pub("r1", 0, 5), pub("other", 2, 3) + "data: {}\n\n",
+		`data: {"disconnect":{"code":3001,"reason":"shutdown"}}` + "\n\n"}
+	want := []string{
+		"2 false false 0 0 0", "1 false false 0 0 0",
+		"4 true true 1 -1 1796134743373963078", "4 true true 0 5 1796134743373963078",
+		"4 true false 2 3 1796134743373963078", "1 false false 0 0 0", "3 false false 0 0 0",
+	}
+	stream := chunk(body...)
+	for _, step := range []int{1, 5, 64, 511, 4096, len(stream)} {
+		s := &recSink{}
+		p := &parser{chunked: true, centrifugo: true, sink: s, runID: []byte(`r1"`)}
+		for i := 0; i < len(stream); i += step {
+			p.feed([]byte(stream[i:min(i+step, len(stream))]), 1)
+		}
+		if got := strings.Join(s.frames, "|"); got != strings.Join(want, "|") {
+			t.Fatalf("step=%d:\n got %s\nwant %s", step, got, strings.Join(want, "|"))
+		}
+	}
+}
+
+// The viewers' request and token fit the server: the relay's endpoint with
+// the uuid claim, or Centrifugo's uni_sse with the connect request and a
+// channels claim.
+func TestStreamRequestAndToken(t *testing.T) {
+	for _, c := range []struct{ protocol, path, claim string }{
+		{protoRelay, "GET /base/api/v1/identities/events?token=", "uuid"},
+		{protoCentrifugo, "GET /base/connection/uni_sse?cf_connect=%7B%22token%22%3A%22", "channels"},
+	} {
+		tok, err := mintToken(c.protocol, "secret", "user-1", time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		claims := jwt.MapClaims{}
+		if _, err := jwt.ParseWithClaims(tok, claims, func(*jwt.Token) (any, error) { return []byte("secret"), nil }); err != nil {
+			t.Fatalf("%s: %v", c.protocol, err)
+		}
+		if _, ok := claims[c.claim]; !ok {
+			t.Errorf("%s: token has no %s claim: %v", c.protocol, c.claim, claims)
+		}
+		req := string(streamRequest(c.protocol, "/base", "127.0.0.1:1", tok))
+		if !strings.HasPrefix(req, c.path) || !strings.Contains(req, "\r\nHost: 127.0.0.1:1\r\n") || !strings.HasSuffix(req, "\r\n\r\n") {
+			t.Errorf("%s: request %q", c.protocol, req)
 		}
 	}
 }

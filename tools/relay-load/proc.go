@@ -48,6 +48,33 @@ func relayCPU(pid int) (time.Duration, error) {
 	return time.Duration(ut+st) * time.Second / clockTicks, nil
 }
 
+// usage is what the relay has used so far: CPU, and write system calls
+// (syscw of /proc/<pid>/io: write and writev, which is how the servers
+// measured write to their sockets), whose count per frame says how many
+// frames each write carried.
+type usage struct {
+	cpu    time.Duration
+	writes int64
+}
+
+func relayUsage(pid int) (usage, error) {
+	cpu, err := relayCPU(pid)
+	if err != nil {
+		return usage{}, err
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+	if err != nil {
+		return usage{}, err
+	}
+	for _, l := range bytes.Split(b, []byte("\n")) {
+		if v, ok := bytes.CutPrefix(l, []byte("syscw: ")); ok {
+			n, err := strconv.ParseInt(string(v), 10, 64)
+			return usage{cpu: cpu, writes: n}, err
+		}
+	}
+	return usage{}, errors.New("no syscw in /proc/pid/io")
+}
+
 // relayRSS returns the relay's resident set size (VmRSS) in bytes.
 func relayRSS(pid int) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))

@@ -39,6 +39,7 @@ type producer struct {
 	acked      atomic.Int64
 	failed     atomic.Int64
 	lastErr    atomic.Value
+	headers    []kgo.RecordHeader // on every record
 }
 
 func newProducer(cfg *config, runID string) (*producer, error) {
@@ -54,7 +55,13 @@ func newProducer(cfg *config, runID string) (*producer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &producer{cl: cl, topic: cfg.Topic, event: eventName(cfg.Topic), valueBytes: cfg.ValueBytes, runID: runID}, nil
+	p := &producer{cl: cl, topic: cfg.Topic, event: eventName(cfg.Topic), valueBytes: cfg.ValueBytes, runID: runID}
+	if cfg.Protocol == protoCentrifugo {
+		// Centrifugo's Kafka consumer in publication data mode publishes
+		// the value as is to the channels this header names.
+		p.headers = []kgo.RecordHeader{{Key: centrifugoChannelsHeader, Value: []byte(centrifugoChannel)}}
+	}
+	return p, nil
 }
 
 func eventName(topic string) string {
@@ -140,7 +147,7 @@ func (p *producer) send(ctx context.Context, prime bool) {
 		p.seq[part]++
 	}
 	now := time.Now()
-	r := &kgo.Record{Topic: p.topic, Partition: int32(part), Value: p.value(part, seq, now)}
+	r := &kgo.Record{Topic: p.topic, Partition: int32(part), Value: p.value(part, seq, now), Headers: p.headers}
 	p.sent++
 	p.cl.Produce(ctx, r, func(_ *kgo.Record, err error) {
 		if err != nil {

@@ -70,6 +70,8 @@ type report struct {
 		PID                  int      `json:"pid,omitempty"`
 		CPUSecs              float64  `json:"cpu_secs"`
 		CPUSecsPerMillion    float64  `json:"cpu_secs_per_million_frames"`
+		Writes               int64    `json:"write_syscalls"` // over the same interval as the CPU
+		WritesPerFrame       float64  `json:"write_syscalls_per_frame"`
 		RSSBefore            int64    `json:"rss_before_bytes"`
 		RSSAfterConnect      int64    `json:"rss_after_connect_bytes"`
 		RSSPerViewer         float64  `json:"rss_per_viewer_bytes"`
@@ -82,6 +84,9 @@ type report struct {
 	// The tool's own CPU over the same interval (every process of it): on a
 	// shared machine it is what the relay did not get.
 	ToolCPUSecs float64 `json:"tool_cpu_secs"`
+	// ... per million frames of the window: what a frame costs the tool
+	// (reading, parsing, producing), to set against the relay's figure.
+	ToolCPUPerMillion float64 `json:"tool_cpu_secs_per_million_frames"`
 
 	Keepalive struct {
 		ConfiguredSecs float64 `json:"configured_secs"`
@@ -190,7 +195,7 @@ func finite(f float64) float64 {
 
 // finish computes the figures from the merged results.
 func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, winTo, doneAt time.Time,
-	cpu time.Duration, samples []sample, start time.Time) {
+	used usage, samples []sample, start time.Time) {
 	r.Viewers.Connected = all.Connect.Connected
 	r.Viewers.Failures = all.Connect.Failures
 	r.Viewers.ConnectSecs = all.Connect.Secs
@@ -230,6 +235,9 @@ func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, 
 	if d.WindowSecs > 0 {
 		d.FramesPerSec = float64(frames) / d.WindowSecs
 	}
+	if frames > 0 {
+		r.ToolCPUPerMillion = r.ToolCPUSecs / (float64(frames) / 1e6)
+	}
 
 	l := &r.Latency
 	l.Count = all.Latency.count()
@@ -244,7 +252,8 @@ func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, 
 		rl.RSSMax = max(rl.RSSMax, s.RSS)
 	}
 	if cfg.RelayPID > 0 {
-		rl.CPUSecs = cpu.Seconds()
+		rl.CPUSecs = used.cpu.Seconds()
+		rl.Writes = used.writes
 		switch r.Mode {
 		case "burst":
 			rl.CPUMeasuredOverSecs = doneAt.Sub(winFrom).Seconds()
@@ -256,6 +265,7 @@ func (r *report) finish(cfg *config, all *groupReport, expect []int64, winFrom, 
 		}
 		if frames > 0 {
 			rl.CPUSecsPerMillion = rl.CPUSecs / (float64(frames) / 1e6)
+			rl.WritesPerFrame = float64(rl.Writes) / float64(frames)
 		}
 	}
 
@@ -434,9 +444,13 @@ func printTable(r *report, w io.Writer) {
 		} else {
 			p("relay cpu", "%.2f CPU-s over %.1fs (%.3f cores)", rl.CPUSecs, rl.CPUMeasuredOverSecs, rl.CPUUtilisationPerCPU)
 		}
+		if rl.Writes > 0 && r.Mode != "idle" {
+			p("relay writes", "%d write system calls over the same interval = %.3f per frame (%.1f frames a write)",
+				rl.Writes, rl.WritesPerFrame, 1/rl.WritesPerFrame)
+		}
 		if r.ToolCPUSecs > 0 && rl.CPUMeasuredOverSecs > 0 {
-			p("tool cpu", "%.2f CPU-s over the same interval (%.2f cores), every process of the tool",
-				r.ToolCPUSecs, r.ToolCPUSecs/rl.CPUMeasuredOverSecs)
+			p("tool cpu", "%.2f CPU-s over the same interval (%.2f cores) = %.2f CPU-s per million frames, every process of the tool",
+				r.ToolCPUSecs, r.ToolCPUSecs/rl.CPUMeasuredOverSecs, r.ToolCPUPerMillion)
 		}
 		p("relay rss", "%s before viewers, %s after connecting: %.1f KiB per viewer; max %s",
 			mib(rl.RSSBefore), mib(rl.RSSAfterConnect), rl.RSSPerViewer/1024, mib(rl.RSSMax))
