@@ -36,16 +36,18 @@ func newTTLCache[T any](ttl, timeout time.Duration) *ttlCache[T] {
 // get returns the value of key and when it leaves the cache (zero when it
 // was not kept). With fresh, the value comes from a load begun after the call.
 func (c *ttlCache[T]) get(ctx context.Context, key string, fresh bool, load func(context.Context) (T, error)) (T, time.Time, error) {
-	c.mu.Lock()
-	if e, ok := c.entries[key]; ok && !fresh && time.Now().Before(e.expires) {
-		c.mu.Unlock()
+	if e, ok := c.kept(key); ok && !fresh {
 		return e.v, e.expires, nil
 	}
-	c.mu.Unlock()
 	if fresh {
 		c.group.Forget(key) // a load under way may have begun before this call
 	}
 	ch := c.group.DoChan(key, func() (any, error) {
+		// A load that ended between the look above and DoChan has kept its
+		// value: use it, or two loads of the key would run back to back.
+		if e, ok := c.kept(key); ok && !fresh {
+			return e, nil
+		}
 		began := time.Now()
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.timeout)
 		defer cancel()
@@ -72,6 +74,14 @@ func (c *ttlCache[T]) get(ctx context.Context, key string, fresh bool, load func
 		var zero T
 		return zero, time.Time{}, ctx.Err()
 	}
+}
+
+// kept returns key's entry if it has not expired.
+func (c *ttlCache[T]) kept(key string) (cacheEntry[T], bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.entries[key]
+	return e, ok && time.Now().Before(e.expires)
 }
 
 func (c *ttlCache[T]) keep(key string, e cacheEntry[T]) {
