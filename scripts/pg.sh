@@ -5,6 +5,7 @@
 #                          first time, start, create database relay_test,
 #                          apply internal/store/schema.sql, print the URL;
 #                          idempotent (already running is fine)
+#   scripts/pg.sh install  only install PostgreSQL if absent (apt-get)
 #   scripts/pg.sh stop     pg_ctl stop -m fast; idempotent
 #   scripts/pg.sh status   exit 0 when the cluster is running
 #   scripts/pg.sh env      print the export lines for the Go tests
@@ -175,6 +176,7 @@ print_env() {
 }
 
 case "${1:-}" in
+install) ensure_installed ;;
 start) start ;;
 stop) stop ;;
 status)
@@ -193,7 +195,7 @@ wipe)
 	log "wiped $STATE"
 	;;
 *)
-	echo "usage: $0 start|stop|status|env|wipe" >&2
+	echo "usage: $0 install|start|stop|status|env|wipe" >&2
 	exit 2
 	;;
 esac

@@ -61,6 +61,8 @@ func TestCheckFails(t *testing.T) {
 		{"snapshot reset", func(l *ViewerLog) { l.SnapshotResets = 1 }, Expect{}, "1 snapshot resets", func(r Result) int { return r.Resets }},
 		{"too many reconnects for one", func(l *ViewerLog) { l.Reconnects = []time.Time{at, at.Add(2 * time.Second), at.Add(4 * time.Second)} },
 			Expect{MaxOneViewer: 2}, "a viewer reconnected 3 times", func(r Result) int { return r.MaxReconnects }},
+		{"reconnect where none may be", func(l *ViewerLog) { l.Reconnects = []time.Time{at} },
+			Expect{NoReconnects: true}, "1 reconnects (open streams", func(r Result) int { return r.Reconnects }},
 		{"too many reconnects on average", func(l *ViewerLog) { l.Reconnects = []time.Time{at, at.Add(2 * time.Second)} },
 			Expect{MaxPerViewer: 0.5}, "0.67 reconnects per viewer", func(r Result) int { return r.Reconnects }},
 	}
