@@ -22,6 +22,9 @@ CACHE="${RELAY_K8S_CACHE:-$HOME/.cache/relay-k8s}"
 K8S_DIR="$CACHE/k8s-$K8S_VERSION"
 DNS_DIR="$CACHE/coredns-$COREDNS_VERSION"
 mkdir -p "$CACHE"
+# One build at a time: a second would start over in the same directories.
+exec 9>"$CACHE/.lock"
+flock 9
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 
 log() { printf '%s build: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }

@@ -349,6 +349,9 @@ up() {
 	rm -rf "$S"
 	mkdir -p "$S/logs" "$S/pids" "$S/etcd" "$S/images"
 	chmod 0755 "$S"
+	# containerd 1.6 keeps its shims' sockets in /run/containerd/s whatever
+	# its state directory; check compares with this list.
+	ls /run/containerd/s 2>/dev/null | sort >"$S.shims.before" || true
 	network
 	cgroups
 	pki
@@ -431,7 +434,10 @@ stop_pid() { # stop_pid PID SECONDS: TERM, wait, KILL
 }
 
 down() {
-	local t0=$SECONDS name pid
+	local t0=$SECONDS name pid rc=0
+	# Kept beside the state directory, which goes: check still finds the
+	# processes of a namespace already deleted by its inode.
+	cp "$S/netns.inode" "$S.netns.inode" 2>/dev/null || true
 	# The control loops first, so nothing restarts what goes next.
 	for name in kubelet kube-proxy kube-controller-manager kube-scheduler; do
 		[[ -f "$S/pids/$name" ]] && stop_pid "$(cat "$S/pids/$name")" 10
@@ -489,13 +495,15 @@ down() {
 		rm -rf "$S"
 	fi
 	log "down in $((SECONDS - t0)) s (logs kept in $S.logs)"
-	check
+	check || rc=1
+	rm -f "$S.netns.inode" "$S.shims.before"
+	return $rc
 }
 
 # check: what is left; exit 1 when anything is.
 check() {
 	local left=() ino p c
-	ino="$(cat "$S.netns.inode" 2>/dev/null || true)"
+	ino="$(cat "$S.netns.inode" 2>/dev/null || cat "$S/netns.inode" 2>/dev/null || true)"
 	[[ -e "$NS_PATH" ]] && left+=("network namespace $NS_PATH")
 	ip netns list 2>/dev/null | grep -qw "$NAME" && left+=("network namespace $NAME (ip netns list)")
 	if [[ -n "$ino" ]]; then
@@ -510,11 +518,16 @@ check() {
 	ip route | grep -q -E "^($POD_CIDR|$SVC_CIDR) " && left+=("routes: $(ip route | grep -E "^($POD_CIDR|$SVC_CIDR) " | tr '\n' ';')")
 	ip link show "$HOST_LINK" >/dev/null 2>&1 && left+=("link $HOST_LINK")
 	[[ -d "$S" ]] && left+=("state directory $S")
+	if [[ -f "$S.shims.before" ]]; then
+		local new
+		new="$(ls /run/containerd/s 2>/dev/null | sort | comm -13 "$S.shims.before" - | tr '\n' ' ')"
+		[[ -n "$new" ]] && left+=("shim sockets in /run/containerd/s: $new")
+	fi
 	for p in /proc/[0-9]*; do
-		tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "$S/" && left+=("process ${p#/proc/} naming $S: $(tr '\0' ' ' <"$p/cmdline" | cut -c1-80)")
+		{ tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -q -- "$S/" && left+=("process ${p#/proc/} naming $S: $(tr '\0' ' ' <"$p/cmdline" | cut -c1-80)")
 	done
 	if [[ ${#left[@]} -eq 0 ]]; then
-		echo "leftovers check: nothing left (processes in namespace or naming $S, mounts under $S, cgroups $CGROOT, netns $NAME, routes $POD_CIDR $SVC_CIDR, link $HOST_LINK)"
+		echo "leftovers check: nothing left (processes in the namespace or naming $S, mounts under $S, cgroups $CGROOT, netns $NAME, routes $POD_CIDR $SVC_CIDR, link $HOST_LINK, state $S, shim sockets)"
 		return 0
 	fi
 	echo "leftovers check: FAILED"
@@ -536,12 +549,7 @@ up)
 	up
 	trap - EXIT
 	;;
-down)
-	# Kept so check can still find processes of a namespace already deleted.
-	cp "$S/netns.inode" "$S.netns.inode" 2>/dev/null || true
-	down
-	rm -f "$S.netns.inode"
-	;;
+down) down ;;
 check) check ;;
 env) print_env ;;
 exec)
