@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kadm"
+
 	"github.com/decnet/identity-relay/internal/relaytest"
 	"github.com/decnet/identity-relay/internal/testenv"
 )
@@ -144,10 +146,15 @@ func TestCluster(t *testing.T) {
 	for range c.viewers {
 		c.users = append(c.users, relaytest.AddUser(t, db, "viewer"))
 	}
-	// Two topics of three partitions, created before the relay starts.
+	// Two topics of three partitions, new to this run (a cluster of the
+	// user's may hold an earlier run's), created before the relay starts and
+	// deleted at the end.
 	cl := relaytest.Producer(t, brokers)
-	for _, topic := range []string{"identity.formed", "identity.merged"} {
+	run := relaytest.RandomID(4)
+	for _, name := range []string{"formed", "merged"} {
+		topic := "identity.clustertest-" + run + "." + name
 		relaytest.CreateTopic(t, cl, topic, 3)
+		t.Cleanup(func() { _, _ = kadm.NewClient(cl).DeleteTopic(context.Background(), topic) })
 		for p := range int32(3) {
 			c.parts = append(c.parts, Partition{Topic: topic, Part: p})
 		}
@@ -165,7 +172,7 @@ func TestCluster(t *testing.T) {
 	args := []string{"install", release, chart, "-n", c.ns,
 		"--set", "existingSecret.name=relay-secrets",
 		"--set", "config.kafkaBrokers=" + env("RELAY_CT_POD_KAFKA_BROKERS", strings.Join(brokers, ",")),
-		"--set", "image.repository=" + repo, "--set", "image.tag=" + tag,
+		"--set", "image.repository=" + repo, "--set-string", "image.tag=" + tag,
 		"--set", "image.pullPolicy=" + env("RELAY_CT_PULL_POLICY", "IfNotPresent"),
 		"--set", "replicaCount=3", "--wait", "--timeout", "5m"}
 	args = append(args, strings.Fields(os.Getenv("RELAY_CT_HELM_ARGS"))...)
@@ -185,7 +192,7 @@ func TestCluster(t *testing.T) {
 
 	t.Run("install", func(t *testing.T) {
 		c.t = t
-		out, err := c.try("helm", "test", release, "-n", c.ns, "--logs", "--timeout", "2m")
+		out, err := c.try("helm", "test", release, "-n", c.ns, "--logs", "--timeout", "90s")
 		c.helmTest = "helm test passed"
 		if err != nil {
 			c.helmTest = "helm test FAILED"
@@ -295,7 +302,7 @@ func TestCluster(t *testing.T) {
 
 	t.Run("helm upgrade to a new image", func(t *testing.T) {
 		c.t = t
-		args := []string{"upgrade", release, chart, "-n", c.ns, "--reuse-values", "--set", "image.tag=" + nextTag, "--wait", "--timeout", "5m"}
+		args := []string{"upgrade", release, chart, "-n", c.ns, "--reuse-values", "--set-string", "image.tag=" + nextTag, "--wait", "--timeout", "5m"}
 		if c.lifetimes != "" {
 			args = append(args, "--set", c.lifetimes)
 		}
@@ -359,6 +366,7 @@ func (c *cluster) scenario(name string, e Expect, disrupt func() time.Duration, 
 		}
 	}
 	mem := c.podMemoryMiB()
+	t.Logf("%s: streams ended by the pods running now, by reason: %s", name, c.disconnects())
 	cancel()
 	wg.Wait()
 	logs := make([]ViewerLog, len(vs))
@@ -446,6 +454,37 @@ func metric(ip, sample string) (float64, error) {
 	return 0, fmt.Errorf("%s: no %s", ip, sample)
 }
 
+// disconnects sums relay_viewer_disconnects_total by reason over the pods
+// running now, e.g. "lifetime 40, shutdown 12".
+func (c *cluster) disconnects() string {
+	sum := map[string]float64{}
+	client := &http.Client{Timeout: 5 * time.Second}
+	for _, ip := range c.podIPs() {
+		resp, err := client.Get("http://" + ip + ":8080/metrics")
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(resp.Body)
+		for sc.Scan() {
+			rest, ok := strings.CutPrefix(sc.Text(), `relay_viewer_disconnects_total{reason="`)
+			if !ok {
+				continue
+			}
+			reason, val, _ := strings.Cut(rest, `"} `)
+			if v, err := strconv.ParseFloat(val, 64); err == nil && v > 0 {
+				sum[reason] += v
+			}
+		}
+		resp.Body.Close()
+	}
+	var parts []string
+	for r, v := range sum {
+		parts = append(parts, fmt.Sprintf("%s %.0f", r, v))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ", ")
+}
+
 // podMemoryMiB is the largest resident set of the relay pods (0 when their
 // metrics cannot be reached).
 func (c *cluster) podMemoryMiB() float64 {
@@ -472,8 +511,9 @@ func (c *cluster) viewersPerPod() []int {
 	return per
 }
 
-// printTable prints the figures of every scenario that ran as a Markdown
-// table, and writes it to RELAY_CT_REPORT.
+// printTable writes the figures of every scenario that ran as a Markdown
+// table to RELAY_CT_REPORT (scripts/cluster/test.sh prints it after the
+// teardown), or prints it.
 func (c *cluster) printTable() {
 	var b strings.Builder
 	fmt.Fprintln(&b, "| scenario | viewers | rate/s | acked | lost | duplicated | snapshot resets | non-200 | reconnects/viewer (max) | peak reconnects/s | longest silence | rollout | pod RSS | result |")
@@ -498,9 +538,10 @@ func (c *cluster) printTable() {
 		}
 	}
 	fmt.Fprintln(&b)
-	fmt.Println("\nOn a real cluster (make cluster-test):")
-	fmt.Print(b.String())
 	if f := os.Getenv("RELAY_CT_REPORT"); f != "" {
-		_ = os.WriteFile(f, []byte(b.String()), 0o644)
+		if err := os.WriteFile(f, []byte(b.String()), 0o644); err == nil {
+			return
+		}
 	}
+	fmt.Print("\nOn a real cluster:\n" + b.String())
 }
