@@ -42,7 +42,7 @@ import (
 //	                                     ClusterIP, which the test must be able to reach)
 //	RELAY_CT_VIEWERS, RELAY_CT_RATE      150 viewers, 200 records/s
 //	RELAY_CT_NAMESPACE                   Kubernetes namespace of the release (relay-ct)
-//	RELAY_CT_HELM_ARGS                   more arguments for helm install (space-separated)
+//	RELAY_CT_HELM_ARGS                   more arguments for the install (space-separated)
 //	RELAY_CT_LIFETIME_VALUE              the chart value of the maximum stream lifetime
 //	                                     (config.sseMaxLifetime)
 //	RELAY_CT_REPORT                      file the table of figures is written to
@@ -169,7 +169,8 @@ func TestCluster(t *testing.T) {
 	repo, tag, _ := strings.Cut(image, ":")
 	_, nextTag, _ := strings.Cut(next, ":")
 	chart, _ := filepath.Abs("../relay")
-	args := []string{"install", release, chart, "-n", c.ns,
+	// helm upgrade --install with --wait, as the README's example.
+	args := []string{"upgrade", "--install", release, chart, "-n", c.ns,
 		"--set", "existingSecret.name=relay-secrets",
 		"--set", "config.kafkaBrokers=" + env("RELAY_CT_POD_KAFKA_BROKERS", strings.Join(brokers, ",")),
 		"--set", "image.repository=" + repo, "--set-string", "image.tag=" + tag,
@@ -180,9 +181,9 @@ func TestCluster(t *testing.T) {
 	c.run("helm", args...)
 	installTime := time.Since(t0)
 	ready := c.k("get", "deploy", release, "-o", "jsonpath={.status.readyReplicas}/{.spec.replicas}")
-	t.Logf("helm install --wait: %v, %s Ready", installTime.Round(time.Second), ready)
+	t.Logf("helm upgrade --install --wait: %v, %s Ready", installTime.Round(time.Second), ready)
 	if ready != "3/3" {
-		t.Errorf("after helm install --wait: %s Ready, want 3/3", ready)
+		t.Errorf("after helm upgrade --install --wait: %s Ready, want 3/3", ready)
 	}
 	c.url = env("RELAY_CT_URL", "")
 	if c.url == "" {
