@@ -75,6 +75,7 @@ type row struct {
 	viewers  int
 	rate     float64
 	rollout  time.Duration
+	settled  time.Duration // from the disruption's start until only the desired pods were left
 	memMiB   float64
 	note     string
 	failures []string
@@ -354,7 +355,12 @@ func (c *cluster) scenario(name string, e Expect, disrupt func() time.Duration, 
 	pdone := make(chan struct{})
 	go func() { defer close(pdone); p.Run(pctx, c.rate, 90*time.Second) }()
 	time.Sleep(5 * time.Second)
+	t0 := time.Now()
 	rollout := disrupt()
+	// kubectl rollout status and helm --wait return while the old pods
+	// still drain (preStop, spread): their viewers move after that.
+	c.settle()
+	settled := time.Since(t0)
 	time.Sleep(10 * time.Second)
 	pcancel()
 	<-pdone
@@ -389,7 +395,22 @@ func (c *cluster) scenario(name string, e Expect, disrupt func() time.Duration, 
 		t.Errorf("%s: %s", name, x)
 	}
 	t.Logf("%s: %+v", name, res)
-	c.rows = append(c.rows, row{name: name, res: res, viewers: c.viewers, rate: c.rate, rollout: rollout, memMiB: mem, note: note, failures: f})
+	c.rows = append(c.rows, row{name: name, res: res, viewers: c.viewers, rate: c.rate, rollout: rollout, settled: settled, memMiB: mem, note: note, failures: f})
+}
+
+// settle waits until the Deployment's pods, terminating ones included, are
+// exactly its replicas, all Ready.
+func (c *cluster) settle() {
+	c.t.Helper()
+	for end := time.Now().Add(5 * time.Minute); time.Now().Before(end); time.Sleep(500 * time.Millisecond) {
+		want, err1 := c.try(c.kubectl, "-n", c.ns, "get", "deploy", release, "-o", "jsonpath={.spec.replicas}/{.status.readyReplicas}")
+		pods, err2 := c.try(c.kubectl, "-n", c.ns, "get", "pods", "-l", selector, "-o", "jsonpath={.items[*].metadata.name}")
+		n, _, _ := strings.Cut(want, "/")
+		if err1 == nil && err2 == nil && want == n+"/"+n && strconv.Itoa(len(strings.Fields(pods))) == n {
+			return
+		}
+	}
+	c.t.Fatalf("the deployment's pods did not settle within 5 minutes")
 }
 
 // waitReady waits until the Deployment has n Ready replicas and no others.
@@ -523,7 +544,7 @@ func (c *cluster) viewersPerPod() []int {
 // teardown), or prints it.
 func (c *cluster) printTable() {
 	var b strings.Builder
-	fmt.Fprintln(&b, "| scenario | viewers | rate/s | acked | lost | duplicated | snapshot resets | non-200 | reconnects/viewer (max) | peak reconnects/s | longest silence | rollout | pod RSS | result |")
+	fmt.Fprintln(&b, "| scenario | viewers | rate/s | acked | lost | duplicated | snapshot resets | non-200 | reconnects/viewer (max) | peak reconnects/s | longest silence | rollout (old pods gone) | pod RSS | result |")
 	fmt.Fprintln(&b, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 	for _, r := range c.rows {
 		result := "pass"
@@ -532,7 +553,7 @@ func (c *cluster) printTable() {
 		}
 		rollout := "–"
 		if r.rollout > 0 {
-			rollout = r.rollout.Round(100 * time.Millisecond).String()
+			rollout = fmt.Sprintf("%v (%v)", r.rollout.Round(100*time.Millisecond), r.settled.Round(100*time.Millisecond))
 		}
 		fmt.Fprintf(&b, "| %s | %d | %.0f | %d | %d | %d | %d | %d | %.2f (%d) | %d | %v | %s | %.0f MiB | %s |\n",
 			r.name, r.viewers, r.rate, r.res.Acked, r.res.Lost, r.res.Dup, r.res.Resets, r.res.Non200,
