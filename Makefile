@@ -3,6 +3,9 @@
 # make relay-load  bin/relay-load, the load tool (its own module, tools/relay-load; Linux)
 # make demo      run the relay in demo mode
 # make bench     benchmarks
+# make cluster-test  the Helm chart on a live Kubernetes under browser-like
+#                viewers (scripts/cluster/test.sh; not part of make test): starts
+#                a single-node cluster of its own unless KUBECONFIG is set
 # make services-up / services-down
 #                start/stop the test PostgreSQL and Kafka (services-up also
 #                installs Chromium if absent) for running single tests by
@@ -13,12 +16,15 @@
 SHELL := /usr/bin/env bash
 GO ?= go
 
-.PHONY: all test build relay-load demo bench services-up services-down services-env
+.PHONY: all test cluster-test build relay-load demo bench services-up services-down services-env
 
 all: build
 
 test:
 	bash scripts/test.sh
+
+cluster-test:
+	bash scripts/cluster/test.sh
 
 build:
 	$(GO) build -o bin/relay ./cmd/relay

@@ -16,6 +16,9 @@
 #   RELAY_TEST_STATE                 state root      (/tmp/relay-test)
 #   RELAY_TEST_KAFKA_PORT            broker port     (29092)
 #   RELAY_TEST_KAFKA_CONTROLLER_PORT controller port (29093)
+#   RELAY_TEST_KAFKA_HOST            address the broker listens on and
+#                                    advertises (127.0.0.1); the controller
+#                                    stays on 127.0.0.1
 #   RELAY_KAFKA_VERSION              Kafka version   (4.1.2)
 #   RELAY_KAFKA_CACHE                jar cache       (${XDG_CACHE_HOME:-$HOME/.cache}/relay-kafka)
 #   RELAY_TEST_KAFKA_START_TIMEOUT   seconds to wait for readiness (90)
@@ -37,7 +40,8 @@ CPORT="${RELAY_TEST_KAFKA_CONTROLLER_PORT:-29093}"
 START_TIMEOUT="${RELAY_TEST_KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${RELAY_TEST_KAFKA_STOP_TIMEOUT:-30}"
 PIDFILE="$STATE/kafka.pid"
-BROKER="127.0.0.1:$PORT"
+HOST="${RELAY_TEST_KAFKA_HOST:-127.0.0.1}"
+BROKER="$HOST:$PORT"
 
 log() { echo "kafka.sh: $*" >&2; }
 die() { echo "kafka.sh: $*" >&2; exit 1; }
@@ -102,11 +106,11 @@ running_pid() {
 	fi
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
 
 render_config() {
 	mkdir -p "$STATE/logs" "$STATE/data"
-	sed -e "s#@STATE_DIR@#$STATE#g" -e "s#@BROKER_PORT@#$PORT#g" -e "s#@CONTROLLER_PORT@#$CPORT#g" \
+	sed -e "s#@STATE_DIR@#$STATE#g" -e "s#@HOST@#$HOST#g" -e "s#@BROKER_PORT@#$PORT#g" -e "s#@CONTROLLER_PORT@#$CPORT#g" \
 		"$CONF_DIR/server.properties" >"$STATE/server.properties"
 	cp "$CONF_DIR/log4j2.properties" "$STATE/log4j2.properties"
 }
@@ -148,9 +152,8 @@ start() {
 		echo "$BROKER"
 		return 0
 	fi
-	for p in "$PORT" "$CPORT"; do
-		port_open "$p" && die "port $p on 127.0.0.1 is taken by another process; set RELAY_TEST_KAFKA_PORT / RELAY_TEST_KAFKA_CONTROLLER_PORT"
-	done
+	port_open "$PORT" "$HOST" && die "port $PORT on $HOST is taken by another process; set RELAY_TEST_KAFKA_PORT"
+	port_open "$CPORT" && die "port $CPORT on 127.0.0.1 is taken by another process; set RELAY_TEST_KAFKA_CONTROLLER_PORT"
 	command -v java >/dev/null 2>&1 || ensure_tools
 	render_config
 	format_storage
@@ -214,7 +217,7 @@ stop() {
 	done
 	# The port must be free before a following start.
 	local n=0
-	while port_open "$PORT" && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+	while port_open "$PORT" "$HOST" && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
 	rm -f "$PIDFILE"
 	log "stopped (pid $pid) in $((SECONDS - t0))s"
 }

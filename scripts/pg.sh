@@ -5,6 +5,7 @@
 #                          first time, start, create database relay_test,
 #                          apply internal/store/schema.sql, print the URL;
 #                          idempotent (already running is fine)
+#   scripts/pg.sh install  only install PostgreSQL if absent (apt-get)
 #   scripts/pg.sh stop     pg_ctl stop -m fast; idempotent
 #   scripts/pg.sh status   exit 0 when the cluster is running
 #   scripts/pg.sh env      print the export lines for the Go tests
@@ -15,7 +16,11 @@
 #
 # Settings (environment):
 #   RELAY_TEST_STATE     state root (/tmp/relay-test); the cluster is in $RELAY_TEST_STATE/pg
-#   RELAY_TEST_PG_PORT   port on 127.0.0.1 (25432)
+#   RELAY_TEST_PG_PORT   port (25432)
+#   RELAY_TEST_PG_HOST   address it listens on (127.0.0.1); any other address
+#                        also admits clients of the networks it is directly on
+#                        (pg_hba samenet): the cluster test's pods reach it so
+#                        from inside the test's own network namespace
 #   RELAY_TEST_PG_DB     database name (relay_test)
 set -euo pipefail
 
@@ -30,8 +35,9 @@ DATA="$STATE/data"
 SOCK="$STATE/sock"
 LOGFILE="$STATE/postgres.log"
 PORT="${RELAY_TEST_PG_PORT:-25432}"
+HOST="${RELAY_TEST_PG_HOST:-127.0.0.1}"
 DB="${RELAY_TEST_PG_DB:-relay_test}"
-URL="postgres://postgres@127.0.0.1:$PORT/$DB?sslmode=disable"
+URL="postgres://postgres@$HOST:$PORT/$DB?sslmode=disable"
 
 log() { echo "pg.sh: $*" >&2; }
 die() { echo "pg.sh: $*" >&2; exit 1; }
@@ -96,7 +102,7 @@ is_running() {
 }
 
 psql_admin() {
-	PGOPTIONS="-c client_min_messages=warning" "$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres "$@"
+	PGOPTIONS="-c client_min_messages=warning" "$PSQL" -X -q -v ON_ERROR_STOP=1 -h "$HOST" -p "$PORT" -U postgres "$@"
 }
 
 start() {
@@ -126,13 +132,16 @@ shared_buffers = 128MB
 log_min_messages = warning
 EOF
 	fi
+	if [ "$HOST" != 127.0.0.1 ] && ! grep -q '^host all all samenet trust$' "$DATA/pg_hba.conf"; then
+		echo 'host all all samenet trust' >>"$DATA/pg_hba.conf"
+	fi
 	if is_running; then
 		log "already running"
 	else
-		if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-			die "port $PORT on 127.0.0.1 is taken by another process; set RELAY_TEST_PG_PORT"
+		if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; then
+			die "port $PORT on $HOST is taken by another process; set RELAY_TEST_PG_PORT"
 		fi
-		as_pg "$BINDIR/pg_ctl" start -D "$DATA" -l "$LOGFILE" -w -t 60 -o "-p $PORT" >/dev/null || {
+		as_pg "$BINDIR/pg_ctl" start -D "$DATA" -l "$LOGFILE" -w -t 60 -o "-p $PORT -h $HOST" >/dev/null || {
 			tail -n 30 "$LOGFILE" >&2 || true
 			die "pg_ctl start failed (log: $LOGFILE)"
 		}
@@ -167,6 +176,7 @@ print_env() {
 }
 
 case "${1:-}" in
+install) ensure_installed ;;
 start) start ;;
 stop) stop ;;
 status)
@@ -185,7 +195,7 @@ wipe)
 	log "wiped $STATE"
 	;;
 *)
-	echo "usage: $0 start|stop|status|env|wipe" >&2
+	echo "usage: $0 install|start|stop|status|env|wipe" >&2
 	exit 2
 	;;
 esac
