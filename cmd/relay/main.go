@@ -58,8 +58,11 @@ const (
 )
 
 // run starts the relay and blocks until ctx ends, then shuts down within
-// the configured timeout. Logs go to stderr; the demo's URL goes to stdout.
+// the configured timeout (`relay check-stream` runs the helm test's check). Logs go to stderr; the demo's URL goes to stdout.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "check-stream" {
+		return checkStream(ctx, args[1:], getenv, stdout, stderr)
+	}
 	cfg, err := config.Load(args, getenv, stdout)
 	if err != nil {
 		return err

@@ -692,8 +692,10 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 		}
 	})
 
-	t.Run("helm test checks readiness", func(t *testing.T) {
-		// The test hook pod GETs /readyz through the Service.
+	t.Run("helm test goes through the Service", func(t *testing.T) {
+		// The hook pod, of the relay's image, runs `relay check-stream` against the Service:
+		// the stream as tests.streamUser (TestHelmTestReadsTheStream), or without one /readyz,
+		// needing no secret.
 		if len(b.pods) != 1 {
 			t.Fatalf("%d test pods", len(b.pods))
 		}
@@ -701,12 +703,46 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 		if p.Annotations["helm.sh/hook"] != "test" {
 			t.Errorf("pod %s is not a helm test hook", p.Name)
 		}
-		cmd := strings.Join(append(p.Spec.Containers[0].Command, p.Spec.Containers[0].Args...), " ")
-		want := fmt.Sprintf("http://%s:%d/readyz", b.services[0].Name, b.services[0].Spec.Ports[0].Port)
-		if !strings.Contains(cmd, want) {
-			t.Errorf("test command %q does not GET %s", cmd, want)
+		c := p.Spec.Containers[0]
+		if want := relayContainer(t, b.deployments[0]).Image; c.Image != want {
+			t.Errorf("test image %q, want the relay's %q", c.Image, want)
+		}
+		got := strings.Join(append(c.Command, c.Args...), " ")
+		base := fmt.Sprintf("check-stream --timeout 20s --url http://%s:%d/", b.services[0].Name, b.services[0].Spec.Ports[0].Port)
+		if !strings.Contains(got, " --user ") {
+			if got != base+"readyz" || len(c.Env) != 0 || len(c.EnvFrom) != 0 {
+				t.Errorf("test pod without a stream user runs %q with env %v / %v, want %q and no env", got, c.Env, c.EnvFrom, base+"readyz")
+			}
+		} else if !strings.HasPrefix(got, base+"api/v1/identities/events ") {
+			t.Errorf("test command %q, want the stream through the Service", got)
 		}
 	})
+}
+
+// With tests.streamUser the helm test opens the stream through the Service as that user, with
+// the relay's JWT secret from the release's Secret and its issuer/audience from the ConfigMap.
+func TestHelmTestReadsTheStream(t *testing.T) {
+	b := mustRender(t, "--set", "existingSecret.name="+secretName, "--set", "existingSecret.jwtSecretKey=jwt",
+		"--set", "tests.streamUser=2f0c6e1a-user", "--set", "config.jwtIssuer=decnet", "--set", "config.jwtAudience=relay")
+	if len(b.pods) != 1 {
+		t.Fatalf("%d test pods", len(b.pods))
+	}
+	c := b.pods[0].Spec.Containers[0]
+	want := fmt.Sprintf("check-stream --timeout 20s --url http://%s:%d/api/v1/identities/events --user 2f0c6e1a-user",
+		b.services[0].Name, b.services[0].Spec.Ports[0].Port)
+	if got := strings.Join(append(c.Command, c.Args...), " "); got != want {
+		t.Errorf("test command %q, want %q", got, want)
+	}
+	if len(c.Env) != 1 || c.Env[0].Name != "RELAY_JWT_SECRET" || c.Env[0].ValueFrom == nil || c.Env[0].ValueFrom.SecretKeyRef == nil ||
+		c.Env[0].ValueFrom.SecretKeyRef.Name != secretName || c.Env[0].ValueFrom.SecretKeyRef.Key != "jwt" {
+		t.Errorf("test pod env %+v, want RELAY_JWT_SECRET from %s/jwt", c.Env, secretName)
+	}
+	for name, want := range map[string]string{"RELAY_JWT_ISSUER": "decnet", "RELAY_JWT_AUDIENCE": "relay"} {
+		if got, src := envValue(t, b, c, name); got != want || src != "configmap" {
+			t.Errorf("test pod %s = %q from %q, want %q from the ConfigMap", name, got, src, want)
+		}
+	}
+	checkInvariants(t, b, secretName)
 }
 
 func relayContainer(t *testing.T, d appsv1.Deployment) corev1.Container {
