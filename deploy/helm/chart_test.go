@@ -703,6 +703,10 @@ func checkInvariants(t *testing.T, b *bundle, secret string) {
 		if p.Annotations["helm.sh/hook"] != "test" {
 			t.Errorf("pod %s is not a helm test hook", p.Name)
 		}
+		// A pod deleted on success leaves `helm test --logs` nothing to print (and it fails).
+		if dp := p.Annotations["helm.sh/hook-delete-policy"]; dp != "before-hook-creation" {
+			t.Errorf("test pod's hook-delete-policy %q, want before-hook-creation only", dp)
+		}
 		c := p.Spec.Containers[0]
 		if want := relayContainer(t, b.deployments[0]).Image; c.Image != want {
 			t.Errorf("test image %q, want the relay's %q", c.Image, want)
