@@ -62,7 +62,9 @@ func TestCheckFails(t *testing.T) {
 		{"too many reconnects for one", func(l *ViewerLog) { l.Reconnects = []time.Time{at, at.Add(2 * time.Second), at.Add(4 * time.Second)} },
 			Expect{MaxOneViewer: 2}, "a viewer reconnected 3 times", func(r Result) int { return r.MaxReconnects }},
 		{"reconnect where none may be", func(l *ViewerLog) { l.Reconnects = []time.Time{at} },
-			Expect{NoReconnects: true}, "1 reconnects (open streams", func(r Result) int { return r.Reconnects }},
+			Expect{NoReconnects: true}, "1 reconnects, 0 of them ended by rebalancing (open streams", func(r Result) int { return r.Reconnects }},
+		{"reconnects beyond the rebalanced", func(l *ViewerLog) { l.Reconnects = []time.Time{at, at.Add(time.Second)} },
+			Expect{NoReconnects: true, Rebalanced: 1}, "2 reconnects, 1 of them ended by rebalancing", func(r Result) int { return r.Reconnects }},
 		{"too many reconnects on average", func(l *ViewerLog) { l.Reconnects = []time.Time{at, at.Add(2 * time.Second)} },
 			Expect{MaxPerViewer: 0.5}, "0.67 reconnects per viewer", func(r Result) int { return r.Reconnects }},
 	}
@@ -99,6 +101,10 @@ func TestCheckPeakPerSecond(t *testing.T) {
 		t.Fatalf("failures %q", f)
 	}
 	if f := r.Failures(Expect{MaxPeakShare: 0.3}); len(f) != 0 {
+		t.Fatalf("failures %q", f)
+	}
+	// Reconnects the relays' rebalancing caused are not the disruption's.
+	if f := r.Failures(Expect{NoReconnects: true, Rebalanced: 10}); len(f) != 0 {
 		t.Fatalf("failures %q", f)
 	}
 }

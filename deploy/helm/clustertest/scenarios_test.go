@@ -343,6 +343,9 @@ func (c *cluster) scenario(name string, e Expect, disrupt func() time.Duration, 
 	t := c.t
 	t.Helper()
 	run := relaytest.RandomID(6)
+	// The viewers rebalancing moves (its counter on the pods, which stay)
+	// are not the disruption's reconnects.
+	rebalanced := c.rebalanceEnds()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	vs := make([]*Viewer, c.viewers)
@@ -405,6 +408,7 @@ func (c *cluster) scenario(name string, e Expect, disrupt func() time.Duration, 
 		}
 	}
 	res := Check(acked, logs)
+	e.Rebalanced = int(c.rebalanceEnds() - rebalanced)
 	f := res.Failures(e)
 	for _, x := range f {
 		t.Errorf("%s: %s", name, x)
@@ -526,6 +530,17 @@ func (c *cluster) disconnects() string {
 	}
 	sort.Strings(parts)
 	return strings.Join(parts, ", ")
+}
+
+// rebalanceEnds sums the streams rebalancing ended over the pods running now.
+func (c *cluster) rebalanceEnds() float64 {
+	var n float64
+	for _, ip := range c.podIPs() {
+		// No sample until a pod's first rebalancing end.
+		v, _ := metric(ip, `relay_viewer_disconnects_total{reason="rebalance"}`)
+		n += v
+	}
+	return n
 }
 
 // podMemoryMiB is the largest resident set of the relay pods (0 when their
