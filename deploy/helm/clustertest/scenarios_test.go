@@ -287,7 +287,7 @@ func TestCluster(t *testing.T) {
 		} else {
 			t.Errorf("helm upgrade --set %s=%v: %v\n%s", value, lifetime, err, out)
 		}
-		var note string
+		var note, spread string
 		c.scenario("scale 3 → 5 → 3", Expect{}, func() time.Duration {
 			t0 := time.Now()
 			c.k("scale", "deploy/"+release, "--replicas=5")
@@ -313,7 +313,8 @@ func TestCluster(t *testing.T) {
 					within = within && float64(n) >= 0.75*even && float64(n) <= 1.25*even
 				}
 				if !within {
-					t.Errorf("viewers per pod %v %v after the scale-up: want 5 pods each within ±25%% of %.0f", per, wait, even)
+					spread = fmt.Sprintf("viewers per pod %v %v after the scale-up: want 5 pods each within ±25%% of %.0f", per, wait, even)
+					t.Error(spread)
 				}
 				note += fmt.Sprintf("; within ±25%% of %.0f: %v", even, within)
 			} else {
@@ -324,6 +325,9 @@ func TestCluster(t *testing.T) {
 			return up
 		}, "")
 		c.rows[len(c.rows)-1].note = note
+		if spread != "" {
+			c.rows[len(c.rows)-1].failures = append(c.rows[len(c.rows)-1].failures, spread)
+		}
 	})
 
 	t.Run("helm upgrade to a new image", func(t *testing.T) {
