@@ -128,15 +128,37 @@ func (s *Server) check(ctx context.Context, cl *claims) (code int, body []byte, 
 // lookups of one key share one query, so a reconnect storm costs a handful
 // of queries, not one per viewer, and so do the re-checks of open streams.
 // Errors are not cached. User and Revoked also return when the value leaves
-// the cache (zero when it was not cached).
+// the cache (zero when it was not cached). Ping is shared too (pingEvery).
 type cachedStore struct {
 	Store
 	users   *ttlCache[*users.User]
 	revoked *ttlCache[bool]
+	pings   *ttlCache[error]
 }
 
+// pingEvery bounds the database pings behind /readyz and /peerz, which
+// answer anyone without a credential: however many ask, and whether the
+// database answers or not, the relay pings it at most once per pingEvery.
+// A change of the database's state shows in readiness this much later.
+const pingEvery = time.Second
+
 func newCachedStore(s Store, ttl, timeout time.Duration) *cachedStore {
-	return &cachedStore{Store: s, users: newTTLCache[*users.User](ttl, timeout), revoked: newTTLCache[bool](ttl, timeout)}
+	return &cachedStore{
+		Store:   s,
+		users:   newTTLCache[*users.User](ttl, timeout),
+		revoked: newTTLCache[bool](ttl, timeout),
+		pings:   newTTLCache[error](pingEvery, timeout),
+	}
+}
+
+// Ping keeps a failed ping as well as a good one (as the cached value, not
+// as the cache's error), or an outage would cost a ping per request.
+func (c *cachedStore) Ping(ctx context.Context) error {
+	pingErr, _, err := c.pings.get(ctx, "", false, func(ctx context.Context) (error, error) { return c.Store.Ping(ctx), nil })
+	if err != nil {
+		return err
+	}
+	return pingErr
 }
 
 func (c *cachedStore) User(ctx context.Context, uuid string) (*users.User, time.Time, error) {

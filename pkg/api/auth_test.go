@@ -82,7 +82,7 @@ type fakeStore struct {
 	blocks map[string]bool
 	gate   chan struct{}
 
-	userCalls, revokedCalls, snapshotCalls atomic.Int64
+	userCalls, revokedCalls, snapshotCalls, pingCalls atomic.Int64
 }
 
 func newFakeStore() *fakeStore {
@@ -143,7 +143,10 @@ func (s *fakeStore) Snapshot(ctx context.Context, limit int) (json.RawMessage, e
 	return json.RawMessage(s.snapshot), nil
 }
 
-func (s *fakeStore) Ping(ctx context.Context) error { return s.call(ctx, "Ping") }
+func (s *fakeStore) Ping(ctx context.Context) error {
+	s.pingCalls.Add(1)
+	return s.call(ctx, "Ping")
+}
 
 // harness is one relay API over real HTTP.
 type harness struct {

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -349,4 +350,74 @@ func TestStartupz(t *testing.T) {
 	if got, ready := status("/startupz"), status("/readyz"); got != http.StatusOK || ready != http.StatusServiceUnavailable {
 		t.Errorf("database down: /startupz %d, /readyz %d; want 200 and 503", got, ready)
 	}
+}
+
+// TestProbesBoundDatabasePings: /readyz and /peerz answer anyone, without
+// a credential, and each looks at the database. However fast clients ask,
+// up or down, the relay pings it at most once per pingEvery: in a window
+// of d, at most ⌊d/pingEvery⌋+1 pings. Every answer still says what the
+// last ping found, and a recovery shows within pingEvery.
+func TestProbesBoundDatabasePings(t *testing.T) {
+	store := newFakeStore()
+	h := newHarness(t, store, nil)
+	base := strings.TrimSuffix(h.url, EventsPath)
+	hammer := func(phase string, want int) {
+		t.Helper()
+		before := store.pingCalls.Load()
+		start := time.Now()
+		var wg sync.WaitGroup
+		var wrong atomic.Int64
+		for w := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				path := []string{"/readyz", "/peerz"}[w%2]
+				for range 100 {
+					resp, err := h.client.Get(base + path)
+					if err != nil {
+						wrong.Add(1)
+						continue
+					}
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != want {
+						wrong.Add(1)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		elapsed := time.Since(start)
+		pings := store.pingCalls.Load() - before
+		bound := int64(elapsed/pingEvery) + 1
+		t.Logf("%s: 800 probe requests in %v, %d pings (bound %d)", phase, elapsed.Round(time.Millisecond), pings, bound)
+		if pings > bound {
+			t.Errorf("%s: %d database pings for 800 probe requests in %v, want at most %d", phase, pings, elapsed, bound)
+		}
+		if n := wrong.Load(); n > 0 {
+			t.Errorf("%s: %d of 800 answers were not %d", phase, n, want)
+		}
+	}
+	store.update(func(s *fakeStore) { s.errs = map[string]error{"Ping": errors.New("database down")} })
+	hammer("database down", http.StatusServiceUnavailable)
+
+	store.update(func(s *fakeStore) { s.errs = nil })
+	recovered := time.Now()
+	for {
+		resp, err := h.client.Get(base + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			break
+		}
+		// A kept failure is at most pingEvery old; the margin is for a
+		// loaded machine, not a claim about speed.
+		if time.Since(recovered) > 10*pingEvery {
+			t.Fatalf("/readyz still %d %v after the database came back", resp.StatusCode, time.Since(recovered))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	hammer("database up", http.StatusOK)
 }
