@@ -285,11 +285,12 @@ func (tb *tab) screenshot(name string) {
 // viewer follows what one tab's page received: every event of the test's
 // type goes through relaytest's exactly-once Collector.
 type viewer struct {
-	tab       *tab
-	c         *relaytest.Collector
-	event     string // the SSE event name of the test's topic
-	snapshots int
-	opens     int
+	tab        *tab
+	c          *relaytest.Collector
+	event      string // the SSE event name of the test's topic
+	snapshots  int
+	snapshotID string // the id of the last snapshot
+	opens      int
 	// lastIDs[k] is the id of the last event received before the k+1-th
 	// open (the Last-Event-ID that reconnect should carry).
 	lastIDs []string
@@ -309,6 +310,7 @@ func (v *viewer) update() {
 			v.lastIDs = append(v.lastIDs, v.c.LastID)
 		case e.Type == "snapshot":
 			v.snapshots++
+			v.snapshotID = e.ID
 		case e.Type == "error" && e.Data != nil:
 			v.tab.t.Fatalf("the relay sent an error frame: %s", *e.Data)
 		case e.Type == v.event:

@@ -83,6 +83,16 @@ func flowing(t *testing.T, v *viewer, cl *kgo.Client, topic string, partitions i
 	return pr
 }
 
+// openPlainPage opens, in a new browser, a plain page whose EventSource
+// follows the stream of topic's events through a new proxy routed to r.
+func openPlainPage(t *testing.T, topic string, r *relaytest.Process) (*proxy, *viewer) {
+	t.Helper()
+	px := newProxy(t)
+	px.route(r)
+	event := strings.TrimPrefix(topic, "identity.")
+	return px, newViewer(openTab(t, newBrowser(t), px.URL+"/?token="+relaytest.ViewerToken(t), "snapshot", event), event)
+}
+
 // expectResumed checks the k-th stream request (from 0) the proxy passed on:
 // it went to replica, was answered 200 and carried, as Last-Event-ID (or as
 // ?last_event_id= when query), the id of the last event the page had
@@ -135,11 +145,7 @@ func TestBrowserReconnectResumesAcrossReplicas(t *testing.T) {
 	a, b := relaytest.Start(t, env), relaytest.Start(t, env)
 	a.WaitReady(t)
 	b.WaitReady(t)
-	px := newProxy(t)
-	px.route(a)
-	bctx := newBrowser(t)
-	event := strings.TrimPrefix(topic, "identity.")
-	v := newViewer(openTab(t, bctx, px.URL+"/?token="+relaytest.ViewerToken(t), "snapshot", event), event)
+	px, v := openPlainPage(t, topic, a)
 	pr := flowing(t, v, cl, topic, partitions)
 
 	from, to := a, b
@@ -180,11 +186,7 @@ func TestBrowserHeldBackResumes(t *testing.T) {
 	const partitions = 2
 	env, topic := relaytest.TopicEnv(t, map[string]string{"RELAY_SUBSCRIBER_BUFFER": "8", "RELAY_SSE_SEND_BUFFER": "65536"})
 	r, cl := relaytest.StartOnTopic(t, env, topic, partitions)
-	px := newProxy(t)
-	px.route(r)
-	bctx := newBrowser(t)
-	event := strings.TrimPrefix(topic, "identity.")
-	v := newViewer(openTab(t, bctx, px.URL+"/?token="+relaytest.ViewerToken(t), "snapshot", event), event)
+	px, v := openPlainPage(t, topic, r)
 	v.waitFor("the snapshot", waitLong, func() bool { return v.snapshots == 1 })
 	relaytest.ProduceSeq(t, cl, topic, partitions, 0, 10)
 	v.waitFor("10 events", waitLong, func() bool { return len(v.c.Seen) == 10 })
@@ -210,6 +212,49 @@ func TestBrowserHeldBackResumes(t *testing.T) {
 	}
 	expectResumed(t, px, v, 1, r, false)
 	t.Logf("dropped as slow with %d of %d events on the page; all %d after the browser's own resume", held, n, n)
+}
+
+// A stream that ends before its first event (here at its lifetime: the
+// chart's default ends every stream within 30 minutes, whether events came
+// or not) leaves the page only its snapshot's id. Chromium reconnects with
+// it as Last-Event-ID, and the page gets every event published while it
+// was away, once, without a second snapshot.
+func TestBrowserResumesFromItsSnapshot(t *testing.T) {
+	const partitions, n = 2, 10
+	env, topic := relaytest.TopicEnv(t, map[string]string{"RELAY_SSE_MAX_LIFETIME": "2s", "RELAY_SSE_LIFETIME_JITTER": "0"})
+	r, cl := relaytest.StartOnTopic(t, env, topic, partitions)
+	// A record per partition before the page opens: the snapshot's
+	// position covers them (the relay omits the id until it knows a partition).
+	relaytest.ProduceSeq(t, cl, topic, partitions, 0, partitions)
+	consumed := `relay_records_consumed_total{topic="` + topic + `"}`
+	until(t, waitLong, func() bool { return relaytest.Metric(t, r.URL, consumed) >= partitions },
+		func() string { return "the relay reading the first records" })
+	px, v := openPlainPage(t, topic, r)
+	v.waitFor("the snapshot", waitLong, func() bool { return v.snapshots == 1 })
+	lifetime := `relay_viewer_disconnects_total{reason="lifetime"}`
+	until(t, waitLong, func() bool { return relaytest.Metric(t, r.URL, lifetime) >= 1 },
+		func() string { return "the stream's end at its lifetime" })
+
+	relaytest.ProduceSeq(t, cl, topic, partitions, partitions, partitions+n) // while the page is away
+	v.waitFor(fmt.Sprintf("%d events", n), waitLong, func() bool { return len(v.c.Seen) >= n })
+	reqs := px.requests()
+	switch {
+	case v.snapshotID == "":
+		t.Fatal("the snapshot came without an id")
+	case len(reqs) < 2 || reqs[1].LastEventID == nil || *reqs[1].LastEventID != v.snapshotID:
+		t.Fatalf("the reconnect after the lifetime carried Last-Event-ID %v, want the snapshot's id %q", reqs[min(1, len(reqs)-1)].LastEventID, v.snapshotID)
+	case v.snapshots != 1:
+		t.Fatalf("%d snapshots, want 1", v.snapshots)
+	}
+	for i := range n {
+		if !v.c.Seen[partitions+i] {
+			t.Fatalf("seq %d, published while the page was away, never reached it (got %v)", partitions+i, v.c.Seen)
+		}
+	}
+	if len(v.c.Seen) != n {
+		t.Fatalf("the page got %d events, want the %d published after its snapshot: %v", len(v.c.Seen), n, v.c.Seen)
+	}
+	t.Logf("resumed from the snapshot's id after the lifetime: %d stream requests, every later event once", len(reqs))
 }
 
 // ensureTopic creates topic with partitions unless the broker has it

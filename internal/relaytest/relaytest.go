@@ -363,11 +363,25 @@ func (s *Stream) ExpectStart(t testing.TB) string {
 		t.Fatalf("second frame %q, want the retry hint", f)
 	}
 	f := s.Next(t, 10*time.Second)
+	data, ok := SnapshotData(f)
+	if !ok {
+		t.Fatalf("third frame %q, want one snapshot frame", f)
+	}
+	return data
+}
+
+// SnapshotData returns the data of a snapshot frame (its id line, the
+// position it was read at, is optional: the relay omits it until it knows a
+// partition), or false for any other frame.
+func SnapshotData(f string) (string, bool) {
+	if rest, ok := strings.CutPrefix(f, "id: "); ok {
+		_, f, _ = strings.Cut(rest, "\n")
+	}
 	data, ok := strings.CutPrefix(f, "event: snapshot\ndata: ")
 	if !ok || !strings.HasSuffix(data, "\n\n") || strings.Count(data, "\n") != 2 {
-		t.Fatalf("second frame %q, want one snapshot frame", f)
+		return "", false
 	}
-	return strings.TrimSuffix(data, "\n\n")
+	return strings.TrimSuffix(data, "\n\n"), true
 }
 
 // Get fetches url and returns its body, failing on a non-200 status.

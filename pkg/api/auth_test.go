@@ -2,6 +2,7 @@ package api
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -42,8 +43,12 @@ const (
 )
 
 // wantStreamStart is what every new viewer reads first: the keepalive
-// comment, the retry hint (default 3 s), the snapshot.
-var wantStreamStart = ": keepalive\n\nretry: 3000\n\nevent: snapshot\ndata: {\"identities\":" + testSnapshot + "}\n\n"
+// comment, the retry hint (default 3 s), the snapshot (wantSnapshot, after
+// its id line: the position it was read at).
+const (
+	wantStreamStart = ": keepalive\n\nretry: 3000\n\n"
+	wantSnapshot    = "event: snapshot\ndata: {\"identities\":" + testSnapshot + "}\n\n"
+)
 
 // cutoff is a tokens_valid_from with fractional seconds; floor = 1750000000.
 var (
@@ -315,9 +320,10 @@ func checkRefused(t *testing.T, resp *http.Response, code int, body string) {
 }
 
 // checkStream asserts an accepted viewer: 200, the SSE headers, then the
-// keepalive comment, the retry hint and the snapshot, byte for byte. The
-// stream stays open.
-func checkStream(t *testing.T, resp *http.Response) {
+// keepalive comment, the retry hint and the snapshot, byte for byte, its
+// id (if any) a position the relay parses; it returns that id. The stream
+// stays open.
+func checkStream(t *testing.T, resp *http.Response) string {
 	t.Helper()
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(resp.Body)
@@ -342,10 +348,30 @@ func checkStream(t *testing.T, resp *http.Response) {
 	if string(got) != wantStreamStart {
 		t.Fatalf("stream starts %q, want %q", got, wantStreamStart)
 	}
-	frames, err := ssetest.ParseFrames(got)
-	if err != nil || len(frames) != 3 || !frames[0].IsComment() || frames[1].Retry != "3000" || frames[2].Event != "snapshot" {
+	// Byte by byte up to the frame's end: the caller reads on from resp.Body.
+	var snap []byte
+	for !bytes.HasSuffix(snap, []byte("\n\n")) {
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(resp.Body, b); err != nil {
+			t.Fatalf("read the snapshot frame: %v (got %q)", err, snap)
+		}
+		snap = append(snap, b...)
+	}
+	// The id line is there once the broker knows a partition (snapshotFrame).
+	var id string
+	if rest, ok := strings.CutPrefix(string(snap), "id: "); ok {
+		id, rest, _ = strings.Cut(rest, "\n")
+		if _, err := sse.ParsePosition(id); err != nil || rest != wantSnapshot {
+			t.Fatalf("snapshot frame %q (id: %v), want %q after the id", snap, err, wantSnapshot)
+		}
+	} else if string(snap) != wantSnapshot {
+		t.Fatalf("snapshot frame %q, want %q", snap, wantSnapshot)
+	}
+	frames, err := ssetest.ParseFrames(append(got, snap...))
+	if err != nil || len(frames) != 3 || !frames[0].IsComment() || frames[1].Retry != "3000" || frames[2].Event != "snapshot" || frames[2].ID != id {
 		t.Fatalf("stream start %q parses to %+v, %v", got, frames, err)
 	}
+	return id
 }
 
 // signed returns claims signed with method and key.

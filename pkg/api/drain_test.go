@@ -179,16 +179,9 @@ func TestStreamEndsAtItsLifetime(t *testing.T) {
 	if !slices.Equal(got, []int{1, 2}) {
 		t.Fatalf("the first stream got %v, want [1 2]", got)
 	}
-	rest, err := readToEnd(t, h.lastBody)
-	if err != nil {
-		t.Fatalf("stream cut instead of ended at its lifetime: %v (read %q)", err, rest)
-	}
-	if tail, err := ssetest.ParseFrames(rest); err != nil {
-		t.Fatalf("the stream did not end between frames: %v (%q)", err, rest)
-	} else if more, _ := seqsOf(t, tail); len(more) != 0 {
+	if more := endsAtLifetime(t, h, h.lastBody); len(more) != 0 {
 		t.Fatalf("the first stream got %v more", more)
 	}
-	h.waitDisconnects(t, reasonLifetime, 1)
 
 	for i := n / 2; i < n; i++ { // published while the viewer is away
 		publishAt(t, h.broker, i)
@@ -199,6 +192,55 @@ func TestStreamEndsAtItsLifetime(t *testing.T) {
 	if got := counterValue(t, h.srv.m.resumes.WithLabelValues("window")); got != 2 {
 		t.Fatalf("relay_resumes_total{via=window} = %v, want 2", got)
 	}
+}
+
+// TestStreamEndingBeforeAnEventResumes: a stream that ends (here at its
+// lifetime) before any event has only its snapshot's id; resuming from it
+// gives exactly the events published since the snapshot, and no second
+// snapshot. Without the id the browser would start over as a new viewer,
+// and the events published while it was away would never reach it as events.
+func TestStreamEndingBeforeAnEventResumes(t *testing.T) {
+	h := newHarness(t, newFakeStore(), func(c *Config) { c.MaxLifetime = 300 * time.Millisecond })
+	for i := range 3 {
+		publishAt(t, h.broker, i)
+	}
+	token := hs256(t, claimsFor("u-viewer", nil))
+	resp := h.get(t, "", token)
+	defer resp.Body.Close()
+	id := checkStream(t, resp)
+	if want := h.broker.Position().Encode(); id != want {
+		t.Fatalf("snapshot id %q, want the position it was read at, %q", id, want)
+	}
+	if got := endsAtLifetime(t, h, resp.Body); len(got) != 0 {
+		t.Fatalf("the stream got %v after its snapshot, want none (all were before it)", got)
+	}
+
+	for i := 3; i < 6; i++ { // published while the viewer is away
+		publishAt(t, h.broker, i)
+	}
+	if got, _ := seqsOf(t, resumeFrom(t, h, token, id, 3)); !slices.Equal(got, []int{3, 4, 5}) {
+		t.Fatalf("resuming from the snapshot's id got %v, want [3 4 5]", got)
+	}
+	if got := counterValue(t, h.srv.m.resumes.WithLabelValues("window")); got != 1 {
+		t.Fatalf("relay_resumes_total{via=window} = %v, want 1", got)
+	}
+}
+
+// endsAtLifetime reads body to its end, which must come cleanly between
+// frames and be counted as a lifetime end, and returns the seqs it read.
+func endsAtLifetime(t *testing.T, h *harness, body io.Reader) []int {
+	t.Helper()
+	rest, err := readToEnd(t, body)
+	if err != nil {
+		t.Fatalf("stream cut instead of ended at its lifetime: %v (read %q)", err, rest)
+	}
+	tail, err := ssetest.ParseFrames(rest)
+	if err != nil {
+		t.Fatalf("the stream did not end between frames: %v (%q)", err, rest)
+	}
+	h.waitDisconnects(t, reasonLifetime, 1)
+	seqs, _ := seqsOf(t, tail)
+	return seqs
 }
 
 // resumeFrom opens a stream with Last-Event-ID id and reads its keepalive,

@@ -19,7 +19,10 @@ const snapshotMaxAge = time.Second
 // its query started. A viewer is subscribed from that position, so whatever
 // was published after it is replayed from the window: nothing published
 // between the query and the subscription is lost (at worst, an event the
-// rows already reflect arrives once more).
+// rows already reflect arrives once more). The frame carries that position
+// as its id, so a stream that ends before its first event (lifetime,
+// rebalance, shutdown, a slow drop) resumes from it like from any event,
+// instead of starting over with another snapshot.
 type snapshot struct {
 	frame []byte
 	pos   sse.Position
@@ -30,14 +33,22 @@ func (s *Server) loadSnapshot(ctx context.Context) (*snapshot, error) {
 	snap := &snapshot{pos: s.broker.Position()}
 	rows, err := s.store.Snapshot(ctx, s.cfg.SnapshotLimit)
 	if err == nil {
-		snap.frame, err = snapshotFrame(rows)
+		snap.frame, err = snapshotFrame(snap.pos, rows)
 	}
 	return snap, err
 }
 
-func snapshotFrame(rows json.RawMessage) ([]byte, error) {
+// snapshotFrame is `id: <pos>\nevent: snapshot\ndata: {"identities":rows}\n\n`,
+// without the id line when no partition is known yet (Kafka not read):
+// an empty id would only clear the browser's.
+func snapshotFrame(pos sse.Position, rows json.RawMessage) ([]byte, error) {
 	var b bytes.Buffer
-	b.Grow(len(rows) + 48)
+	b.Grow(len(rows) + 64)
+	if len(pos) > 0 {
+		b.WriteString("id: ")
+		b.WriteString(pos.Encode())
+		b.WriteByte('\n')
+	}
 	b.WriteString("event: snapshot\ndata: {\"identities\":")
 	// Compact guarantees one data line whatever the store returned.
 	if err := json.Compact(&b, rows); err != nil {

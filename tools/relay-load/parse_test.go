@@ -34,7 +34,7 @@ func TestParserSplits(t *testing.T) {
 	ev := func(run string, part, seq int) string {
 		return fmt.Sprintf("id: abc\nevent: formed\ndata: {\"topic\":\"identity.formed\",\"type\":\"formed\",\"ts\":1.5,\"payload\":{\"run\":\"%s\",\"part\":%d,\"seq\":%d,\"sent_ns\":1750000000123456789,\"identity_uuid\":\"u\",\"pad\":\"%s\"}}\n\n", run, part, seq, pad)
 	}
-	body := []string{": keepalive\n\n", "retry: 3000\n\n", "event: snapshot\ndata: {\"identities\":[]}\n\n",
+	body := []string{": keepalive\n\n", "retry: 3000\n\n", "id: AQ\nevent: snapshot\ndata: {\"identities\":[]}\n\n",
 		ev("r1", 0, -1) + ev("r1", 2, 7), ev("other", 1, 3), "event: error\ndata: {\"message\":\"Stream interrupted\"}\n\n"}
 	want := []string{
 		"1 false false 0 0 0", "2 false false 0 0 0",
