@@ -2,7 +2,6 @@ package browsertest
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -11,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/decnet/identity-relay/internal/relaytest"
@@ -257,27 +254,6 @@ func TestBrowserResumesFromItsSnapshot(t *testing.T) {
 	t.Logf("resumed from the snapshot's id after the lifetime: %d stream requests, every later event once", len(reqs))
 }
 
-// ensureTopic creates topic with partitions unless the broker has it
-// already, and returns its partition count.
-func ensureTopic(t *testing.T, cl *kgo.Client, topic string, partitions int32) int32 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	adm := kadm.NewClient(cl)
-	if _, err := adm.CreateTopic(ctx, partitions, 1, nil, topic); err != nil && !errors.Is(err, kerr.TopicAlreadyExists) {
-		t.Fatalf("create topic %s: %v", topic, err)
-	}
-	for ctx.Err() == nil {
-		md, err := adm.Metadata(ctx, topic)
-		if d, ok := md.Topics[topic]; err == nil && ok && d.Err == nil && len(d.Partitions) > 0 {
-			return int32(len(d.Partitions))
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("topic %s not ready", topic)
-	return 0
-}
-
 // A plain EventSource gives up for good on an answer other than 200: a 429
 // (the per-user cap) or a 503 (the replica's connection cap; a draining
 // replica or a lost database answer the same) leaves it CLOSED. The demo
@@ -291,7 +267,7 @@ func TestBrowserAfterRefusal(t *testing.T) {
 	env := relaytest.Env(t, testenv.KafkaBrokers(t))
 	env["RELAY_KAFKA_TOPICS_REGEX"] = `^identity\.formed$`
 	cl := relaytest.Producer(t, testenv.KafkaBrokers(t))
-	partitions := ensureTopic(t, cl, topic, 2)
+	partitions := relaytest.EnsureTopic(t, cl, topic, 2)
 	with := func(k, v string) map[string]string {
 		e := map[string]string{k: v}
 		for k, v := range env {

@@ -422,32 +422,52 @@ func Producer(t testing.TB, brokers []string) *kgo.Client {
 	return cl
 }
 
-// CreateTopic creates a topic with partitions partitions and waits until it is usable.
+// CreateTopic creates a topic with partitions partitions and waits until it
+// is usable; a topic that exists already must have as many.
 func CreateTopic(t testing.TB, cl *kgo.Client, topic string, partitions int32) {
+	t.Helper()
+	if got := EnsureTopic(t, cl, topic, partitions); got != partitions {
+		t.Fatalf("topic %s exists with %d partitions, want %d", topic, got, partitions)
+	}
+}
+
+// EnsureTopic creates topic with partitions partitions unless the broker
+// has it already, waits until it is usable and returns its partition count.
+func EnsureTopic(t testing.TB, cl *kgo.Client, topic string, partitions int32) int32 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	adm := kadm.NewClient(cl)
-	resp, err := adm.CreateTopic(ctx, partitions, 1, nil, topic)
-	if err != nil || (resp.Err != nil && !errors.Is(resp.Err, kerr.TopicAlreadyExists)) {
-		t.Fatalf("create topic %s: %v %v", topic, err, resp.Err)
+	_, err := adm.CreateTopic(ctx, partitions, 1, nil, topic) // kadm returns the topic's own error too
+	switch {
+	case err == nil:
+		WaitTopic(ctx, t, adm, topic, partitions)
+		return partitions
+	case !errors.Is(err, kerr.TopicAlreadyExists):
+		t.Fatalf("create topic %s: %v", topic, err)
 	}
-	WaitTopic(ctx, t, adm, topic, partitions)
+	return waitTopic(ctx, t, adm, topic, func(n int) bool { return n > 0 })
 }
 
 // WaitTopic waits until the broker lists topic with its partitions.
 func WaitTopic(ctx context.Context, t testing.TB, adm *kadm.Client, topic string, partitions int32) {
 	t.Helper()
+	waitTopic(ctx, t, adm, topic, func(n int) bool { return n == int(partitions) })
+}
+
+// waitTopic waits until the broker lists topic with a partition count that
+// ok accepts, and returns it.
+func waitTopic(ctx context.Context, t testing.TB, adm *kadm.Client, topic string, ok func(int) bool) int32 {
+	t.Helper()
 	for ctx.Err() == nil {
 		md, err := adm.Metadata(ctx, topic)
-		if err == nil {
-			if d, ok := md.Topics[topic]; ok && d.Err == nil && len(d.Partitions) == int(partitions) {
-				return
-			}
+		if d, listed := md.Topics[topic]; err == nil && listed && d.Err == nil && ok(len(d.Partitions)) {
+			return int32(len(d.Partitions))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Fatalf("topic %s not ready", topic)
+	return 0
 }
 
 // Produce writes value to topic's partition and waits for the broker's ack.
