@@ -203,11 +203,17 @@ func testConfig() Config {
 // of the test it checks that the logs hold requests but no credential.
 func newHarness(t *testing.T, store *fakeStore, mod func(*Config)) *harness {
 	t.Helper()
+	return newHarnessOn(t, store, fanout.New(fanout.Options{Buffer: 16}), mod)
+}
+
+// newHarnessOn is newHarness on a broker of the test's own.
+func newHarnessOn(t *testing.T, store *fakeStore, broker *fanout.Broadcaster, mod func(*Config)) *harness {
+	t.Helper()
 	cfg := testConfig()
 	if mod != nil {
 		mod(&cfg)
 	}
-	h := &harness{store: store, logs: &testsync.Buffer{}, broker: fanout.New(fanout.Options{Buffer: 16})}
+	h := &harness{store: store, logs: &testsync.Buffer{}, broker: broker}
 	cfg.Logger = slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	t.Cleanup(func() { h.checkLogs(t) }) // runs last, once every request has ended
 	srv, err := New(cfg, store, h.broker)

@@ -187,8 +187,15 @@ func (s *Server) subscribeWithSnapshot(ctx context.Context, v *viewer, o *openin
 		}
 	}
 	// The window moved past a snapshot read a moment ago: only an extreme
-	// burst does that. Serve that snapshot and the live stream.
-	s.log.Warn("replay window overtook a fresh snapshot; events in between may be missing")
+	// burst does that. Read what it lacks back from Kafka, as for a viewer
+	// resuming from the snapshot's position (the frame's id); failing that,
+	// serve the snapshot and the live stream.
+	if via := s.resume(ctx, v, snap.pos, o); via != "snapshot" {
+		s.log.Info("replay window overtook a fresh snapshot; what it lacks was read back", "via", via)
+		o.snapshot = snap.frame
+		return 0, nil
+	}
+	s.log.Warn("replay window overtook a fresh snapshot and Kafka could not fill in; events in between are missing for this viewer")
 	var err error
 	if v.sub, o.replay, err = s.broker.Subscribe(nil, v.onEnd); err != nil {
 		return http.StatusServiceUnavailable, bodyShuttingDown
