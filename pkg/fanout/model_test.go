@@ -115,7 +115,7 @@ type mviewer struct {
 	// the snapshot covers what the replica skipped (records gone from Kafka
 	// before it read them): the ids do not claim those, and need not.
 	floor sse.Position
-	ids   []string // ids received, oldest first
+	ids   []string // ids received (the snapshot's too), oldest first
 }
 
 type model struct {
@@ -347,6 +347,9 @@ func (m *model) snapshot(v *mviewer) {
 		m.t.Fatalf("subscribe after a snapshot: %v", err)
 	}
 	v.sub, v.cursor, v.have, v.floor = sub, nil, at, floor
+	if len(at) > 0 { // the snapshot frame's id (api's snapshotFrame)
+		v.ids = append(v.ids, at.Encode())
+	}
 	for _, f := range replay {
 		m.send(v, f, "snapshot replay")
 	}
