@@ -125,8 +125,13 @@ java_cmd() {
 format_storage() {
 	[ -f "$STATE/data/meta.properties" ] && return 0
 	local id
-	# A random 16-byte Kafka Uuid in its base64url form.
-	id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+	# A random 16-byte Kafka Uuid in its base64url form. Not one that starts
+	# with '-' (1 in 64): the tool would read it as an option and fail, as
+	# Kafka's own Uuid.randomUuid avoids it.
+	id=-
+	while [[ "$id" == -* ]]; do
+		id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+	done
 	log "formatting storage in $STATE/data (cluster id $id)"
 	java_cmd kafka.tools.StorageTool format --ignore-formatted -t "$id" \
 		-c "$STATE/server.properties" >"$STATE/logs/format.log" 2>&1 || {
