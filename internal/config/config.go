@@ -44,7 +44,7 @@ type Config struct {
 	Keepalive         time.Duration // RELAY_SSE_KEEPALIVE, default 15s
 	WriteTimeout      time.Duration // RELAY_SSE_WRITE_TIMEOUT, default 10s
 	SubscriberBuffer  int           // RELAY_SUBSCRIBER_BUFFER, default 256 frames
-	FlushInterval     time.Duration // RELAY_SSE_FLUSH_INTERVAL, default 5ms (idle: at once); 0 writes every event at once
+	FlushInterval     time.Duration // RELAY_SSE_FLUSH_INTERVAL, default 1ms (idle: at once); 0 writes every event at once
 	SendBuffer        int           // RELAY_SSE_SEND_BUFFER, bytes, default 1048576; 0 leaves the kernel's autotuning
 	UserTimeout       time.Duration // RELAY_SSE_USER_TIMEOUT, TCP_USER_TIMEOUT of streams, default 30s; 0 leaves the kernel's
 	Retry             time.Duration // RELAY_SSE_RETRY, default 3s
@@ -106,7 +106,7 @@ var settings = []setting{
 		func(c *Config, v string) (err error) { c.WriteTimeout, err = positiveDuration(v); return }},
 	{"RELAY_SUBSCRIBER_BUFFER", strconv.Itoa(fanout.DefaultBuffer), "frames queued per viewer; a viewer whose queue is full is dropped",
 		func(c *Config, v string) (err error) { c.SubscriberBuffer, err = positiveInt(v); return }},
-	{"RELAY_SSE_FLUSH_INTERVAL", "5ms", "under load, longest an event waits so that events close together reach a viewer in one write; an event that finds the relay idle goes out at once; 0 writes each at once",
+	{"RELAY_SSE_FLUSH_INTERVAL", "1ms", "under load, longest an event waits so that events close together reach a viewer in one write; an event that finds the relay idle goes out at once; 0 writes each at once",
 		func(c *Config, v string) (err error) { c.FlushInterval, err = nonNegativeDuration(v); return }},
 	{"RELAY_SSE_SEND_BUFFER", "1048576", "kernel send buffer per stream (SO_SNDBUF), bytes: bounds a stalled viewer's kernel memory; 0 leaves it to the kernel (up to tcp_wmem's maximum)",
 		func(c *Config, v string) (err error) { c.SendBuffer, err = nonNegativeInt(v); return }},

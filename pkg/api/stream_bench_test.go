@@ -36,7 +36,7 @@ func BenchmarkHTTPStream(b *testing.B) {
 		b.Run(fmt.Sprintf("viewers=%d", viewers), func(b *testing.B) {
 			store := newFakeStore()
 			store.users["u-bench"] = &users.User{UUID: "u-bench", Role: "viewer"}
-			broker := fanout.New(fanout.Options{Buffer: 256, FlushInterval: 5 * time.Millisecond}) // the relay's defaults
+			broker := fanout.New(fanout.Options{Buffer: 256, FlushInterval: time.Millisecond}) // the relay's defaults
 			cfg := testConfig()
 			cfg.MaxPerUser, cfg.MaxConnections = viewers, viewers
 			srv, err := New(cfg, store, broker)
