@@ -38,7 +38,7 @@ func TestDefaultsAndPrecedence(t *testing.T) {
 	if c.ListenAddr != ":8080" || c.TopicsRegex != `^identity\..+` || c.MaxPerUser != 5 || c.Keepalive != 15*time.Second ||
 		c.SubscriberBuffer != 256 || c.SnapshotLimit != 50 || c.ShutdownTimeout != 25*time.Second || c.LogFormat != "json" ||
 		c.Retry != 3*time.Second || c.ReplayWindow != 10000 || len(c.KafkaBrokers) != 2 || c.KafkaBrokers[1] != "k2:9092" ||
-		c.FlushInterval != 5*time.Millisecond || c.SendBuffer != 1<<20 || c.JWTLeeway != 5*time.Second ||
+		c.FlushInterval != time.Millisecond || c.SendBuffer != 1<<20 || c.JWTLeeway != 5*time.Second ||
 		c.UserTimeout != 30*time.Second || c.TrustedProxies != nil || c.MaxLifetime != 0 || c.LifetimeJitter != 0.2 ||
 		c.ShutdownSpread != 0 || c.Peers != nil || c.RebalanceInterval != 30*time.Second || c.RebalanceTol != 0.1 {
 		t.Fatalf("defaults: %+v", c)
